@@ -1,0 +1,14 @@
+"""The door between the estimator and a vision-language model.
+
+:class:`BlackBoxVLM` is the whole protocol: ``context_shape`` and
+``logits(images, class_names, offsets)``. :class:`QueryCounter` counts every
+prompt scored and enforces the query budget. :class:`OpenCLIPBackend` serves
+any open_clip model through the protocol; :class:`ToyBackend` is a tiny
+deterministic stand-in for tests and examples.
+"""
+
+from ._base import BlackBoxVLM, QueryCounter
+from .openclip import OpenCLIPBackend, register_model_configs
+from .toy import ToyBackend
+
+__all__ = ["BlackBoxVLM", "QueryCounter", "OpenCLIPBackend", "ToyBackend", "register_model_configs"]

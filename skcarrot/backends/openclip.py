@@ -1,0 +1,352 @@
+"""A black box built on any open_clip model.
+
+Weights, image features and token embeddings stay in this module. Loaded models
+live in a process-level cache keyed by the backend's parameters, so cloning or
+pickling a backend (or an estimator holding one) never copies weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+
+from ..exceptions import WeightsUnavailableError
+
+__all__ = ["OpenCLIPBackend", "register_model_configs"]
+
+_CONFIG_DIR = Path(__file__).with_name("model_configs")
+_MODELS: dict[tuple, "_LoadedBox"] = {}
+_LOCK = threading.Lock()
+_RANDOM_INIT_SEED = 0
+_MAX_CACHED_IMAGES = 50_000
+_SEQUENCES_PER_CHUNK = 2048
+
+
+def register_model_configs(path: str | os.PathLike | None = None) -> None:
+    """Register open_clip model configs (JSON) from a file or folder.
+
+    With no argument, registers the configs shipped with skcarrot. Done once on
+    import; call it again for your own configs.
+
+    Examples
+    --------
+    >>> import open_clip
+    >>> from skcarrot.backends import register_model_configs
+    >>> register_model_configs()
+    >>> "skcarrot-micro-test" in open_clip.list_models()
+    True
+    """
+    import open_clip
+
+    open_clip.add_model_config(Path(path) if path is not None else _CONFIG_DIR)
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Random initialisation is what the user asked for: drop open_clip's warning about it."""
+    root = logging.getLogger()
+    flt = _DropRandomInitNotice()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _image_key(img: Any) -> bytes:
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{img.mode}{img.size}".encode())
+    h.update(img.tobytes())
+    return h.digest()
+
+
+class _LoadedBox:
+    """Everything behind the door for one (model, weights, template, device)."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: Any, tokenizer: Any, template: str, device: torch.device):
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.template = template
+        self.lock = threading.Lock()
+        tower = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+        if tower is None or not all(hasattr(tower, n) for n in needed):
+            raise ValueError(
+                f"{type(model).__name__} has no built-in text transformer; prompt offsets need "
+                "an open_clip model whose text tower embeds tokens itself (CLIP-style configs)"
+            )
+        if getattr(tower, "cls_emb", None) is not None:
+            raise ValueError("text towers with a class token (CoCa) are not supported")
+        self.tower = tower
+        self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+        self.eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+        if self.pool_type not in ("argmax", "eos"):
+            raise ValueError(f"text pooling {self.pool_type!r} is not supported (need 'argmax' or 'eos')")
+        self.dim = int(tower.token_embedding.weight.shape[1])
+        self.n_ctx, self.ctx_tokens = self._context_tokens(template)
+        self.image_features: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.class_tokens: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _context_tokens(self, template: str) -> tuple[int, torch.Tensor]:
+        if template.count("{}") != 1:
+            raise ValueError(f"template must contain '{{}}' exactly once, got {template!r}")
+        prefix = template.split("{}")[0].strip()
+        if not prefix:
+            raise ValueError(
+                f"template {template!r} has no context words before '{{}}'; prompt offsets "
+                "are added to those words (e.g. 'a photo of a {}.')"
+            )
+        tokens = self.tokenizer([prefix])[0]
+        real = tokens[tokens != 0]
+        ctx = real[1:-1]  # drop start and end of text
+        return len(ctx), ctx
+
+    def tokens_for(self, class_names: Sequence[str]) -> torch.Tensor:
+        key = tuple(class_names)
+        toks = self.class_tokens.get(key)
+        if toks is None:
+            texts = [self.template.format(name) for name in class_names]
+            toks = self.tokenizer(texts)
+            n = self.n_ctx
+            if not torch.equal(toks[:, 1 : 1 + n], self.ctx_tokens.expand(len(texts), n)):
+                bad = [t for t, row in zip(texts, toks) if not torch.equal(row[1 : 1 + n], self.ctx_tokens)]
+                raise ValueError(f"the template's context words do not tokenize the same in {bad[:3]}")
+            if (toks[:, -1] != 0).any():
+                raise ValueError("a prompt is longer than the model's context length; shorten the class names")
+            toks = toks.to(self.device)
+            self.class_tokens[key] = toks
+        return toks
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        keys = [_image_key(img) for img in images]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.image_features))
+        if missing:
+            first = {k: img for k, img in zip(keys, images) if k in set(missing)}
+            for start in range(0, len(missing), 256):
+                chunk = missing[start : start + 256]
+                batch = torch.stack([self.preprocess(first[k]) for k in chunk]).to(self.device)
+                feats = self.model.encode_image(batch, normalize=True).float()
+                for k, f in zip(chunk, feats):
+                    self.image_features[k] = f
+        for k in keys:
+            self.image_features.move_to_end(k)
+        while len(self.image_features) > _MAX_CACHED_IMAGES:
+            self.image_features.popitem(last=False)
+        return torch.stack([self.image_features[k] for k in keys])
+
+    @torch.inference_mode()
+    def encode_prompts(self, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Text features ``(P, C, E)`` of every class under every prompt offset."""
+        tower = self.tower
+        if self.pool_type == "argmax":
+            end = tokens.argmax(dim=-1)
+        else:
+            end = (tokens == self.eos_id).int().argmax(dim=-1)
+        length = int(end.max()) + 1  # exact: causal attention never looks past the end token
+        tokens = tokens[:, :length]
+        cast = tower.transformer.get_cast_dtype() if hasattr(tower.transformer, "get_cast_dtype") else torch.float32
+        base = tower.token_embedding(tokens).to(cast)  # (C, L, D)
+        pos = tower.positional_embedding[:length].to(cast)
+        mask = tower.attn_mask
+        if mask is not None:
+            mask = mask[:length, :length].to(cast)
+        n_classes = tokens.shape[0]
+        per_chunk = max(1, _SEQUENCES_PER_CHUNK // n_classes)
+        out = []
+        for start in range(0, offsets.shape[0], per_chunk):
+            off = offsets[start : start + per_chunk].to(cast)
+            p = off.shape[0]
+            x = base.unsqueeze(0).repeat(p, 1, 1, 1)
+            x[:, :, 1 : 1 + self.n_ctx] += off.unsqueeze(1)
+            x = x.reshape(p * n_classes, length, -1) + pos
+            x = tower.transformer(x, attn_mask=mask)
+            x = tower.ln_final(x)
+            x = x[torch.arange(x.shape[0], device=x.device), end.repeat(p)]
+            proj = tower.text_projection
+            if proj is not None:
+                x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+            x = torch.nn.functional.normalize(x.float(), dim=-1)
+            out.append(x.reshape(p, n_classes, -1))
+        return torch.cat(out)
+
+    def logits(self, images: Sequence[Any], class_names: Sequence[str], offsets: np.ndarray) -> np.ndarray:
+        with self.lock, torch.inference_mode():
+            img = self.encode_images(images)  # (N, E)
+            txt = self.encode_prompts(
+                self.tokens_for(class_names), torch.as_tensor(np.asarray(offsets, dtype=np.float32), device=self.device)
+            )  # (P, C, E)
+            scale = self.model.logit_scale.exp().float()
+            out = scale * torch.einsum("ne,pce->pnc", img, txt)
+            bias = getattr(self.model, "logit_bias", None)
+            if bias is not None:
+                out = out + bias.float()
+            return out.cpu().numpy().astype(np.float64)
+
+
+def _load_box(model_name: str, pretrained: str | None, template: str, device: torch.device, cache_dir: str | None) -> _LoadedBox:
+    import open_clip
+
+    is_schema = model_name.startswith(("hf-hub:", "local-dir:"))
+    if not is_schema and model_name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}; list the valid names with "
+            "open_clip.list_models() (or register a config with "
+            "skcarrot.backends.register_model_configs)"
+        )
+    kwargs: dict[str, Any] = {"device": device, "cache_dir": cache_dir}
+    if pretrained is None or is_schema:
+        with torch.random.fork_rng(devices=[]), _quiet_random_init():
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
+    elif open_clip.get_pretrained_cfg(model_name, pretrained):
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
+        except RuntimeError as exc:
+            if "download" not in str(exc).lower():
+                raise
+            raise WeightsUnavailableError(
+                f"could not download the pretrained weights {pretrained!r} of {model_name!r} "
+                f"({exc}). Offline? Pass a local checkpoint instead: "
+                f"OpenCLIPBackend(model_name={model_name!r}, pretrained='/path/to/checkpoint')"
+            ) from exc
+    elif os.path.isfile(pretrained):
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, **kwargs)
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            raise ValueError(
+                f"cannot load checkpoint {pretrained!r} into open_clip model {model_name!r}: {exc}"
+            ) from exc
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ValueError(
+            f"pretrained={pretrained!r} is neither a known tag of {model_name!r} "
+            f"(known: {tags or 'none'}) nor an existing checkpoint file"
+        )
+    model.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return _LoadedBox(model, preprocess, tokenizer, template, device)
+
+
+class OpenCLIPBackend(BaseEstimator):
+    """A black-box vision-language model served by open_clip.
+
+    Parameters
+    ----------
+    model_name : str, default="RN50"
+        Any name from ``open_clip.list_models()``.
+    pretrained : str or None, default="openai"
+        A pretrained tag (``open_clip.list_pretrained_tags_by_model(model_name)``;
+        open_clip downloads it), a local checkpoint path, or None for a random
+        initialisation from a fixed seed (the same model in every process).
+    template : str, default="a photo of a {}."
+        Prompt template; the words before ``{}`` are the context words that
+        prompt offsets are added to.
+    device : str, default="auto"
+        ``"auto"`` (CUDA when available, else CPU), or any torch device string.
+    cache_dir : str or None, default=None
+        Where open_clip keeps downloaded weights.
+
+    Attributes
+    ----------
+    context_shape : tuple of (int, int)
+        ``(n_ctx, dim)`` of the offsets accepted (loads the model on first use).
+
+    Notes
+    -----
+    The weights are loaded on first use into a process-level cache keyed by the
+    parameters, and image features are cached there per distinct image. A copy
+    made by :func:`sklearn.base.clone`, pickle or joblib holds only parameters.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.backends import OpenCLIPBackend
+    >>> box = OpenCLIPBackend(model_name="skcarrot-micro-test", pretrained=None)
+    >>> box.context_shape
+    (4, 32)
+    >>> imgs = [np.zeros((8, 8, 3), dtype=np.uint8)]
+    >>> from skcarrot.images import to_pil_images
+    >>> box.logits(to_pil_images(imgs), ["cat", "dog"], np.zeros((3, 4, 32))).shape
+    (3, 1, 2)
+    """
+
+    def __init__(
+        self,
+        model_name: str = "RN50",
+        pretrained: str | None = "openai",
+        template: str = "a photo of a {}.",
+        device: str = "auto",
+        cache_dir: str | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.template = template
+        self.device = device
+        self.cache_dir = cache_dir
+
+    def _box(self) -> _LoadedBox:
+        pretrained = os.fspath(self.pretrained) if self.pretrained is not None else None
+        if pretrained is not None and os.path.isfile(pretrained):
+            pretrained = os.path.abspath(pretrained)
+        device = _resolve_device(self.device)
+        key = (self.model_name, pretrained, self.template, str(device), self.cache_dir)
+        box = _MODELS.get(key)
+        if box is None:
+            with _LOCK:
+                box = _MODELS.get(key)
+                if box is None:
+                    box = _load_box(self.model_name, pretrained, self.template, device, self.cache_dir)
+                    _MODELS[key] = box
+        return box
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        box = self._box()
+        return (box.n_ctx, box.dim)
+
+    def logits(self, images: Sequence[Any], class_names: Sequence[str], offsets: np.ndarray) -> np.ndarray:
+        """Logits ``(P, n_images, n_classes)``: every image against every class, per prompt.
+
+        Parameters
+        ----------
+        images : sequence of PIL.Image.Image
+        class_names : sequence of str
+        offsets : ndarray of shape (P, n_ctx, dim)
+            Added to the token embeddings of the template's context words.
+
+        Returns
+        -------
+        logits : ndarray of shape (P, n_images, n_classes)
+        """
+        offsets = np.asarray(offsets, dtype=np.float32)
+        if offsets.ndim != 3 or offsets.shape[1:] != self.context_shape:
+            raise ValueError(f"offsets must have shape (P, *{self.context_shape}), got {offsets.shape}")
+        return self._box().logits(images, list(class_names), offsets)
+
+
+register_model_configs()

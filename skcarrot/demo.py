@@ -1,0 +1,125 @@
+"""The demo: zero-shot, prompt-only, refine-only and full CARROT on sklearn digits."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import Any
+
+import joblib
+import numpy as np
+from sklearn.datasets import load_digits
+
+from .classifier import CarrotClassifier
+
+__all__ = ["digits_few_shot", "run_demo", "METHODS"]
+
+#: Method name -> (prompt_tuning, refinement).
+METHODS = {
+    "zero-shot": (False, False),
+    "prompt-only (BBT)": (True, False),
+    "refine-only": (False, True),
+    "CARROT": (True, True),
+}
+
+
+def digits_few_shot(n_shots: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """sklearn digits as uint8 8x8 images: ``n_shots`` per class to train, the rest held out.
+
+    Examples
+    --------
+    >>> from skcarrot.demo import digits_few_shot
+    >>> Xtr, ytr, Xte, yte = digits_few_shot(4, seed=0)
+    >>> Xtr.shape, Xtr.dtype, len(Xte)
+    ((40, 8, 8), dtype('uint8'), 1757)
+    """
+    d = load_digits()
+    X = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
+    y = d.target
+    rng = np.random.RandomState(seed)
+    train = np.concatenate([rng.choice(np.flatnonzero(y == c), n_shots, replace=False) for c in np.unique(y)])
+    test = np.setdiff1d(np.arange(len(y)), train)
+    return X[train], y[train], X[test], y[test]
+
+
+def _saved_bytes(est: Any) -> int:
+    buf = io.BytesIO()
+    joblib.dump(est, buf)
+    return buf.tell()
+
+
+def run_demo(
+    backend: Any = None,
+    *,
+    query_budget: int = 8000,
+    n_shots: int = 16,
+    random_state: int = 0,
+    out_dir: str = "demo_output",
+    class_names: Any = None,
+) -> int:
+    """Fit the four methods with the same budget and seed; print a table and save a plot.
+
+    Returns 0 (the process exit status).
+    """
+    if backend is None:
+        from .backends import ToyBackend
+
+        backend = ToyBackend()
+    Xtr, ytr, Xte, yte = digits_few_shot(n_shots, seed=random_state)
+    print(f"sklearn digits: {len(Xtr)} training images ({n_shots} per class), {len(Xte)} held out")
+    print(f"query budget {query_budget}, random_state={random_state}\n")
+    header = f"{'method':<20} {'held-out acc':>12} {'queries':>8} {'fit s':>7} {'saved KB':>9}"
+    print(header)
+    print("-" * len(header))
+    fitted = {}
+    for name, (prompt, refine) in METHODS.items():
+        clf = CarrotClassifier(
+            backend=backend,
+            class_names=class_names,
+            query_budget=query_budget,
+            prompt_tuning=prompt,
+            refinement=refine,
+            random_state=random_state,
+        )
+        start = time.perf_counter()
+        clf.fit(Xtr, ytr)
+        seconds = time.perf_counter() - start
+        acc = clf.score(Xte, yte)
+        fitted[name] = clf
+        print(f"{name:<20} {acc:>12.3f} {clf.n_queries_:>8d} {seconds:>7.1f} {_saved_bytes(clf) / 1024:>9.1f}")
+    path = _plot(fitted["CARROT"], out_dir)
+    if path:
+        print(f"\nlearning curve of CARROT written to {path}")
+    return 0
+
+
+def _plot(clf: CarrotClassifier, out_dir: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        print("\n(matplotlib is not installed: no plot)")
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    h = clf.history_
+    queries = [r["queries"] for r in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(queries, [r["train_accuracy"] for r in h])
+    ax1.set_xlabel("queries")
+    ax1.set_ylabel("training accuracy")
+    ax1.set_title("CARROT: accuracy against queries")
+    ax2.plot(queries, [r["best_fitness"] for r in h], label="best")
+    ax2.plot(queries, [r["mean_fitness"] for r in h], label="mean")
+    ax2.set_xlabel("queries")
+    ax2.set_ylabel("prompt fitness (lower is better)")
+    ax2.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "learning_curve.png")
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

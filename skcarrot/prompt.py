@@ -1,0 +1,129 @@
+"""Prompt generation module: a random projection searched by CMA-ES.
+
+The prompt offset is ``A z``, reshaped to ``(n_ctx, dim)``: ``A`` is a fixed
+Gaussian projection from a small intrinsic space of dimension ``d``, and ``z`` is
+searched without derivatives by CMA-ES, one generation of ``popsize`` candidates
+at a time. The black box adds the offset to its own context embeddings ``p0``.
+"""
+
+from __future__ import annotations
+
+import cma
+import numpy as np
+
+__all__ = ["PromptSearch", "projection_matrix"]
+
+
+def projection_matrix(
+    intrinsic_dim: int, context_shape: tuple[int, int], std: float, seed: int
+) -> np.ndarray:
+    """The fixed Gaussian projection ``A`` of shape ``(intrinsic_dim, n_ctx * dim)``.
+
+    Examples
+    --------
+    >>> from skcarrot.prompt import projection_matrix
+    >>> projection_matrix(4, (2, 3), 0.2, seed=1).shape
+    (4, 6)
+    """
+    n_out = int(np.prod(context_shape))
+    rng = np.random.RandomState(seed)
+    return rng.normal(0.0, std, size=(intrinsic_dim, n_out)).astype(np.float32)
+
+
+class PromptSearch:
+    """CMA-ES over the intrinsic prompt space, through a fixed projection.
+
+    Parameters
+    ----------
+    context_shape : tuple of (int, int)
+        ``(n_ctx, dim)`` of the offsets the black box accepts.
+    intrinsic_dim : int
+        Dimension ``d`` of the searched vector ``z``.
+    projection_std : float
+        Standard deviation of the entries of ``A``.
+    sigma : float
+        Initial CMA-ES step size.
+    popsize : int
+        Candidates per generation.
+    bound : float or None
+        Box constraint ``[-bound, bound]`` on every coordinate of ``z``; None or
+        0 for none.
+    projection_seed, cma_seed : int
+        Seeds of ``A`` and of CMA-ES (must be >= 1: cma reads 0 as "use the clock").
+    x0 : ndarray of shape (intrinsic_dim,) or None
+        Starting point; zeros (the hand-written prompt) by default.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.prompt import PromptSearch
+    >>> search = PromptSearch((2, 3), 5, 0.2, 1.0, 4, 5.0, projection_seed=1, cma_seed=2)
+    >>> Z = search.ask()
+    >>> search.offsets(Z).shape
+    (4, 2, 3)
+    >>> search.tell(Z, np.arange(4.0))
+    >>> search.current_offset().shape
+    (2, 3)
+    """
+
+    def __init__(
+        self,
+        context_shape: tuple[int, int],
+        intrinsic_dim: int,
+        projection_std: float,
+        sigma: float,
+        popsize: int,
+        bound: float | None,
+        *,
+        projection_seed: int,
+        cma_seed: int,
+        x0: np.ndarray | None = None,
+    ) -> None:
+        if cma_seed < 1:
+            raise ValueError("cma_seed must be >= 1 (cma reads 0 as 'seed from the clock')")
+        self.context_shape = tuple(context_shape)
+        self.projection = projection_matrix(intrinsic_dim, self.context_shape, projection_std, projection_seed)
+        if x0 is None:
+            x0 = np.zeros(intrinsic_dim)
+        opts = {
+            "seed": int(cma_seed),
+            "popsize": int(popsize),
+            "verbose": -9,
+            "verb_log": 0,
+            "verb_disp": 0,
+            "maxiter": np.inf,
+            "tolfun": 0,
+            "tolfunhist": 0,
+            "tolflatfitness": np.inf,
+            "tolstagnation": np.inf,
+            "tolx": 0,
+        }
+        if bound:
+            opts["bounds"] = [-float(bound), float(bound)]
+            x0 = np.clip(x0, -float(bound), float(bound))
+        self.es = cma.CMAEvolutionStrategy(np.asarray(x0, dtype=float), float(sigma), opts)
+
+    def ask(self) -> np.ndarray:
+        """Candidates of the next generation, shape ``(popsize, intrinsic_dim)``."""
+        return np.asarray(self.es.ask())
+
+    def tell(self, solutions: np.ndarray, fitness: np.ndarray) -> None:
+        """Report the fitness (lower is better) of the candidates from :meth:`ask`."""
+        self.es.tell(list(solutions), [float(f) for f in fitness])
+
+    def offsets(self, Z: np.ndarray) -> np.ndarray:
+        """Map intrinsic vectors ``(P, d)`` to prompt offsets ``(P, n_ctx, dim)``."""
+        Z = np.atleast_2d(np.asarray(Z, dtype=np.float32))
+        return (Z @ self.projection).reshape((Z.shape[0],) + self.context_shape)
+
+    def current_x(self) -> np.ndarray:
+        """The current in-bounds solution: cma's mean mapped through its boundary transform.
+
+        With bounds, ``es.mean`` lives in cma's unbounded internal space;
+        ``es.result.xfavorite`` is the same point made feasible.
+        """
+        return np.asarray(self.es.result.xfavorite, dtype=float).copy()
+
+    def current_offset(self) -> np.ndarray:
+        """Prompt offset ``A x`` of the current solution, shape ``(n_ctx, dim)``."""
+        return self.offsets(self.current_x())[0]

@@ -1,0 +1,24 @@
+"""scikit-learn's estimator checks, with the known failures and their reasons."""
+
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skcarrot import CarrotClassifier, ToyBackend
+
+# Small settings so the whole battery runs in seconds.
+CHECK_PARAMS = dict(
+    backend=ToyBackend(), query_budget=30, popsize=4, intrinsic_dim=4, hidden_dim=8, n_views=2, random_state=0
+)
+
+# Check name -> why it is expected to fail. Empty today: every check passes.
+# Note: the estimator sets the ``poor_score`` tag, because sklearn's synthetic
+# tabular problems read as images mean nothing to a vision-language model, so
+# the accuracy thresholds of check_classifiers_train do not apply.
+EXPECTED_FAILED_CHECKS: dict[str, str] = {}
+
+
+@parametrize_with_checks(
+    [CarrotClassifier(**CHECK_PARAMS)],
+    expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS,
+)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
