@@ -53,8 +53,9 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
     backend : object or None, default=None
         The black box: any object with ``context_shape`` and
         ``logits(images, class_names, offsets)`` (see
-        :class:`skcarrot.backends.BlackBoxVLM`). None uses
-        ``OpenCLIPBackend()`` (open_clip RN50 with OpenAI weights).
+        :class:`skcarrot.backends.BlackBoxVLM`). None uses the embedded micro
+        CLIP shipped with skcarrot (:func:`skcarrot.backends.embedded_backend`);
+        pass ``OpenCLIPBackend(model_name=..., pretrained=...)`` for a real model.
     class_names : mapping, sequence of str or None, default=None
         Names used in prompts. A mapping from label to name; a sequence indexed
         by the label when labels are integers ``0..len-1``, otherwise aligned
@@ -225,9 +226,9 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
     def _get_backend(self):
         if self.backend is not None:
             return self.backend
-        from .backends import OpenCLIPBackend
+        from .backends.embedded import embedded_backend
 
-        return OpenCLIPBackend()
+        return embedded_backend()
 
     def _resolve_class_names(self, classes: np.ndarray) -> list[str]:
         names = self.class_names
@@ -360,7 +361,6 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
             refiner.eval()
             optimizer = torch.optim.Adam(refiner.parameters(), lr=self.learning_rate)
             views = augmented_views(images, self.n_views, self.augmentation, rng)
-            pool = [img for view in views for img in view]
 
         if warm:
             offset = np.asarray(self.prompt_offset_, dtype=np.float32)
@@ -392,17 +392,25 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
                 search.tell(Z, fitness)
                 z = search.current_x()
                 offset = search.offsets(z)[0]
-                pool_logits = None  # the prompt moved: the refiner needs fresh logits
                 best = int(np.argmin(fitness))
                 best_fit, mean_fit = float(fitness[best]), float(np.mean(fitness))
                 scored = refined if refined is not None else cand
                 train_acc = float((scored[best].argmax(-1) == y_t).float().mean())
             if refiner is not None:
-                if pool_logits is None:
-                    pool_logits = box.logits(pool, names, offset[np.newaxis], purpose="refiner")[0]
-                    pool_logits = pool_logits.reshape(self.n_views, n_train, len(classes))
                 pick = rng.randint(0, self.n_views, size=n_train)
-                epoch_logits = pool_logits[pick, np.arange(n_train)]
+                if search is None:
+                    # The prompt never moves: one query scores every view once, for all epochs.
+                    if pool_logits is None:
+                        pool = [img for view in views for img in view]
+                        pool_logits = box.logits(pool, names, offset[np.newaxis], purpose="refiner")[0]
+                        pool_logits = pool_logits.reshape(self.n_views, n_train, len(classes))
+                    train_logits = pool_logits[0]
+                    epoch_logits = pool_logits[pick, np.arange(n_train)]
+                else:
+                    # New prompt: one query scores the images and this epoch's view of each.
+                    sent = list(images) + [views[v][i] for i, v in enumerate(pick)]
+                    both = box.logits(sent, names, offset[np.newaxis], purpose="refiner")[0]
+                    train_logits, epoch_logits = both[:n_train], both[n_train:]
                 use_kl = gen < self.consistency_fraction * n_gen
                 ref_loss = refiner.train_epoch(
                     optimizer,
@@ -413,7 +421,7 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
                     rng=rng,
                 )
                 with torch.no_grad():
-                    current = refiner(torch.as_tensor(pool_logits[0], dtype=torch.float32))
+                    current = refiner(torch.as_tensor(train_logits, dtype=torch.float32))
                 train_acc = float((current.argmax(-1) == y_t).float().mean())
             record = {
                 "generation": gen0 + gen + 1,

@@ -9,9 +9,9 @@ from typing import Any
 
 import joblib
 import numpy as np
-from sklearn.datasets import load_digits
 
 from .classifier import CarrotClassifier
+from .datasets import few_shot_split, load_digit_images
 
 __all__ = ["digits_few_shot", "run_demo", "METHODS"]
 
@@ -34,13 +34,8 @@ def digits_few_shot(n_shots: int = 16, seed: int = 0) -> tuple[np.ndarray, np.nd
     >>> Xtr.shape, Xtr.dtype, len(Xte)
     ((40, 8, 8), dtype('uint8'), 1757)
     """
-    d = load_digits()
-    X = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
-    y = d.target
-    rng = np.random.RandomState(seed)
-    train = np.concatenate([rng.choice(np.flatnonzero(y == c), n_shots, replace=False) for c in np.unique(y)])
-    test = np.setdiff1d(np.arange(len(y)), train)
-    return X[train], y[train], X[test], y[test]
+    X, y = load_digit_images()
+    return few_shot_split(X, y, n_shots, seed=seed)
 
 
 def _saved_bytes(est: Any) -> int:
@@ -60,13 +55,28 @@ def run_demo(
 ) -> int:
     """Fit the four methods with the same budget and seed; print a table and save a plot.
 
-    Returns 0 (the process exit status).
-    """
-    if backend is None:
-        from .backends import ToyBackend
+    Parameters
+    ----------
+    backend : object or None, default=None
+        The black box; None is the embedded model.
+    query_budget : int, default=8000
+    n_shots : int, default=16
+        Training images per class; the rest of sklearn digits is held out.
+    random_state : int, default=0
+        Seed of the split and of every fit.
+    out_dir : str, default="demo_output"
+        Where the learning-curve PNG goes.
+    class_names : optional
+        Passed to :class:`CarrotClassifier`.
 
-        backend = ToyBackend()
+    Returns
+    -------
+    status : int
+        0, the process exit status.
+    """
     Xtr, ytr, Xte, yte = digits_few_shot(n_shots, seed=random_state)
+    model = "the embedded skcarrot-micro-clip" if backend is None else repr(backend)
+    print(f"model: {model}")
     print(f"sklearn digits: {len(Xtr)} training images ({n_shots} per class), {len(Xte)} held out")
     print(f"query budget {query_budget}, random_state={random_state}\n")
     header = f"{'method':<20} {'held-out acc':>12} {'queries':>8} {'fit s':>7} {'saved KB':>9}"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._threads import torch_threads
 from .losses import refiner_loss
 
 __all__ = ["ResidualRefiner", "refine_logits"]
@@ -82,6 +83,10 @@ class ResidualRefiner(nn.Module):
         rng : numpy.random.RandomState
             Shuffles the samples.
         """
+        with torch_threads(1):  # a few thousand multiply-adds per step: one thread is fastest
+            return self._train_epoch(optimizer, logits, y, batch_size, weight, rng)
+
+    def _train_epoch(self, optimizer, logits, y, batch_size, weight, rng) -> float:
         self.train()
         L = torch.as_tensor(logits, dtype=torch.float32)
         Y = torch.as_tensor(y, dtype=torch.long)

@@ -1,9 +1,9 @@
 """Test helpers: a strict black box and a digits few-shot split."""
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from skcarrot.backends import ToyBackend
+from skcarrot.datasets import few_shot_split, load_digit_images
 
 MICRO = "skcarrot-micro-test"
 
@@ -39,16 +39,11 @@ def scored(backend):
 
 def digits_split(n_shots=8, n_classes=10, seed=0, n_test=200):
     """Few-shot train and held-out test split of sklearn digits as uint8 8x8 arrays."""
-    d = load_digits()
-    X = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
-    y = d.target
-    rng = np.random.RandomState(seed)
-    train = np.concatenate(
-        [rng.choice(np.flatnonzero(y == c), n_shots, replace=False) for c in range(n_classes)]
-    )
-    rest = np.setdiff1d(np.flatnonzero(y < n_classes), train)
-    test = rng.choice(rest, min(n_test, len(rest)), replace=False)
-    return X[train], y[train], X[test], y[test]
+    X, y = load_digit_images()
+    keep = y < n_classes
+    Xtr, ytr, Xte, yte = few_shot_split(X[keep], y[keep], n_shots, seed=seed)
+    test = np.random.RandomState(seed).choice(len(yte), min(n_test, len(yte)), replace=False)
+    return Xtr, ytr, Xte[test], yte[test]
 
 
 # Small, fast settings for CarrotClassifier in tests.

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
+from .._threads import threads_for, torch_threads
 from ..exceptions import WeightsUnavailableError
 
 __all__ = ["OpenCLIPBackend", "register_model_configs"]
@@ -195,7 +196,11 @@ class _LoadedBox:
         return torch.cat(out)
 
     def logits(self, images: Sequence[Any], class_names: Sequence[str], offsets: np.ndarray) -> np.ndarray:
-        with self.lock, torch.inference_mode():
+        width = self.dim
+        layers = len(getattr(self.tower.transformer, "resblocks", [None]))
+        flops = 24.0 * len(offsets) * len(class_names) * 16 * width * width * layers
+        threads = threads_for(flops) if self.device.type == "cpu" else None
+        with self.lock, torch.inference_mode(), torch_threads(threads):
             img = self.encode_images(images)  # (N, E)
             txt = self.encode_prompts(
                 self.tokens_for(class_names), torch.as_tensor(np.asarray(offsets, dtype=np.float32), device=self.device)
