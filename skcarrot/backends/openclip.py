@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator
 from .._threads import threads_for, torch_threads
 from ..exceptions import WeightsUnavailableError
 
-__all__ = ["OpenCLIPBackend", "register_model_configs"]
+__all__ = ["OpenCLIPBackend", "WhiteBoxAccess", "register_model_configs"]
 
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
 _MODELS: dict[tuple, "_LoadedBox"] = {}
@@ -163,6 +163,10 @@ class _LoadedBox:
     @torch.inference_mode()
     def encode_prompts(self, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Text features ``(P, C, E)`` of every class under every prompt offset."""
+        return self.text_features(tokens, offsets)
+
+    def text_features(self, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """As :meth:`encode_prompts`, differentiable in ``offsets`` outside inference mode."""
         tower = self.tower
         if self.pool_type == "argmax":
             end = tokens.argmax(dim=-1)
@@ -182,8 +186,10 @@ class _LoadedBox:
         for start in range(0, offsets.shape[0], per_chunk):
             off = offsets[start : start + per_chunk].to(cast)
             p = off.shape[0]
-            x = base.unsqueeze(0).repeat(p, 1, 1, 1)
-            x[:, :, 1 : 1 + self.n_ctx] += off.unsqueeze(1)
+            ctx = base[:, 1 : 1 + self.n_ctx].unsqueeze(0) + off.unsqueeze(1)  # (p, C, n_ctx, D)
+            x = torch.cat(
+                [base[:, :1].expand(p, -1, -1, -1), ctx, base[:, 1 + self.n_ctx :].expand(p, -1, -1, -1)], dim=2
+            )
             x = x.reshape(p * n_classes, length, -1) + pos
             x = tower.transformer(x, attn_mask=mask)
             x = tower.ln_final(x)
@@ -255,6 +261,31 @@ def _load_box(model_name: str, pretrained: str | None, template: str, device: to
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)
     return _LoadedBox(model, preprocess, tokenizer, template, device)
+
+
+class WhiteBoxAccess:
+    """What white-box methods may read from an open_clip model (the black-box door stays closed).
+
+    Attributes
+    ----------
+    context_shape : tuple of (int, int)
+    logit_scale : float
+    """
+
+    def __init__(self, box: _LoadedBox) -> None:
+        self._box = box
+        self.context_shape = (box.n_ctx, box.dim)
+        self.logit_scale = float(box.model.logit_scale.exp())
+
+    def image_features(self, images: Sequence[Any]) -> torch.Tensor:
+        """L2-normalised image features ``(N, E)`` (cached per distinct image), no gradient."""
+        with self._box.lock:
+            return self._box.encode_images(images).detach().clone().cpu()
+
+    def text_features(self, class_names: Sequence[str], offsets: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text features ``(P, C, E)``, differentiable in ``offsets`` ``(P, n_ctx, dim)``."""
+        tokens = self._box.tokens_for(list(class_names))
+        return self._box.text_features(tokens, offsets.to(self._box.device)).cpu()
 
 
 class OpenCLIPBackend(BaseEstimator):
@@ -333,6 +364,14 @@ class OpenCLIPBackend(BaseEstimator):
     def context_shape(self) -> tuple[int, int]:
         box = self._box()
         return (box.n_ctx, box.dim)
+
+    def white_box(self) -> "WhiteBoxAccess":
+        """Open the box: features and differentiable text encoding, for white-box baselines.
+
+        :class:`skcarrot.CarrotClassifier` never calls this; the white-box baselines in
+        :mod:`skcarrot.baselines` (CoOp, linear probe, Tip-Adapter) do, and say so.
+        """
+        return WhiteBoxAccess(self._box())
 
     def logits(self, images: Sequence[Any], class_names: Sequence[str], offsets: np.ndarray) -> np.ndarray:
         """Logits ``(P, n_images, n_classes)``: every image against every class, per prompt.

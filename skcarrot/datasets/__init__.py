@@ -148,3 +148,8 @@ def few_shot_split(
     train = np.concatenate([rng.choice(np.flatnonzero(y == c), n_shots, replace=False) for c in np.unique(y)])
     test = np.setdiff1d(np.arange(len(y)), train)
     return X[train], y[train], X[test], y[test]
+
+
+from .benchmark import DATASETS, FewShotTask, ImageSet, clean_classname, load_benchmark, sample_few_shot  # noqa: E402
+
+__all__ += ["DATASETS", "FewShotTask", "ImageSet", "clean_classname", "load_benchmark", "sample_few_shot"]

@@ -1,0 +1,272 @@
+"""White-box baselines: CoOp, a linear probe and Tip-Adapter.
+
+These reach *inside* the model through :meth:`OpenCLIPBackend.white_box`: image features
+and gradients through the text encoder. They are here to measure what the black-box
+setting costs; :class:`skcarrot.CarrotClassifier` never uses this access. Each is a
+scikit-learn classifier over the same images as ``CarrotClassifier``.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils import check_random_state, column_or_1d
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted
+
+from .images import to_pil_images
+
+__all__ = ["CoOpClassifier", "LinearProbeClassifier", "TipAdapterClassifier"]
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class _WhiteBoxBase(ClassifierMixin, BaseEstimator):
+    """Shared plumbing: backend resolution, targets, class names, features."""
+
+    def _access(self):
+        backend = self.backend
+        if backend is None:
+            from .backends.embedded import embedded_backend
+
+            backend = embedded_backend()
+        if not hasattr(backend, "white_box"):
+            raise TypeError(
+                f"{type(self).__name__} is a white-box method: it needs a backend with white_box() "
+                f"(OpenCLIPBackend), got {type(backend).__name__}"
+            )
+        return backend.white_box()
+
+    def _prepare(self, X, y):
+        images = to_pil_images(X)
+        y = column_or_1d(y, warn=True)
+        if len(images) != len(y):
+            raise ValueError(f"X has {len(images)} images but y has {len(y)} labels")
+        check_classification_targets(y)
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError("the training data contains only one class; a classifier needs at least two")
+        from .classifier import CarrotClassifier
+
+        names = CarrotClassifier(class_names=self.class_names)._resolve_class_names(classes)
+        return images, classes, y_idx, names
+
+    def decision_function(self, X):
+        """Logits ``(n_samples, n_classes)`` in ``classes_`` order."""
+        check_is_fitted(self)
+        return self._logits(self._access(), to_pil_images(X))
+
+    def predict_proba(self, X):
+        """Class probabilities ``(n_samples, n_classes)``; rows sum to 1."""
+        return _softmax(self.decision_function(X))
+
+    def predict(self, X):
+        """Predicted labels."""
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+
+class CoOpClassifier(_WhiteBoxBase):
+    """CoOp (white-box): context vectors trained by gradient through the text encoder.
+
+    The learnable context starts at the template's own context words (zero offset) and
+    is trained with SGD (momentum 0.9, cosine schedule) on cross-entropy over the
+    training images' features.
+
+    Parameters
+    ----------
+    backend : OpenCLIPBackend or None, default=None
+        None: the embedded model.
+    class_names : mapping, sequence or None, default=None
+        As in :class:`skcarrot.CarrotClassifier`.
+    max_epochs : int, default=50
+    learning_rate : float, default=0.002
+    batch_size : int, default=32
+    random_state : int, RandomState or None, default=None
+
+    Attributes
+    ----------
+    classes_, class_names_, prompt_offset_ : as in CarrotClassifier
+    loss_curve_ : list of float
+        Mean training loss per epoch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.baselines import CoOpClassifier
+    >>> from skcarrot.datasets import few_shot_split, load_digit_images
+    >>> X, y = load_digit_images()
+    >>> Xtr, ytr, Xte, yte = few_shot_split(X, y, 4, seed=0)
+    >>> clf = CoOpClassifier(max_epochs=2, random_state=0).fit(Xtr, ytr)
+    >>> clf.predict_proba(Xte[:2]).shape
+    (2, 10)
+    """
+
+    _parameter_constraints: dict = {
+        "backend": "no_validation",
+        "class_names": "no_validation",
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(self, *, backend=None, class_names=None, max_epochs=50, learning_rate=0.002, batch_size=32,
+                 random_state=None):
+        self.backend = backend
+        self.class_names = class_names
+        self.max_epochs = max_epochs
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.random_state = random_state
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Train the context vectors on ``(X, y)``."""
+        images, classes, y_idx, names = self._prepare(X, y)
+        wb = self._access()
+        rng = check_random_state(self.random_state)
+        feats = wb.image_features(images)
+        Y = torch.as_tensor(y_idx)
+        ctx = torch.zeros((1,) + wb.context_shape, requires_grad=True)
+        opt = torch.optim.SGD([ctx], lr=self.learning_rate, momentum=0.9)
+        steps_per_epoch = math.ceil(len(Y) / self.batch_size)
+        total = self.max_epochs * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+        curve = []
+        for _ in range(self.max_epochs):
+            order = rng.permutation(len(Y))
+            losses = []
+            for start in range(0, len(order), self.batch_size):
+                idx = torch.as_tensor(order[start : start + self.batch_size])
+                text = wb.text_features(names, ctx)[0]
+                logits = wb.logit_scale * feats[idx] @ text.T
+                loss = F.cross_entropy(logits, Y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+            curve.append(float(np.mean(losses)))
+        self.classes_, self.class_names_ = classes, names
+        self.prompt_offset_ = ctx.detach()[0].numpy().copy()
+        self.loss_curve_ = curve
+        return self
+
+    def _logits(self, wb, images):
+        with torch.no_grad():
+            text = wb.text_features(self.class_names_, torch.as_tensor(self.prompt_offset_)[None])[0]
+            return (wb.logit_scale * wb.image_features(images) @ text.T).numpy().astype(np.float64)
+
+
+class LinearProbeClassifier(_WhiteBoxBase):
+    """Linear probe (white-box): logistic regression on the model's image features.
+
+    Parameters
+    ----------
+    backend : OpenCLIPBackend or None, default=None
+    class_names : ignored except for validation symmetry, default=None
+    C : float, default=1.0
+        Inverse regularisation strength of the logistic regression.
+    max_iter : int, default=1000
+
+    Examples
+    --------
+    >>> from skcarrot.baselines import LinearProbeClassifier
+    >>> from skcarrot.datasets import few_shot_split, load_digit_images
+    >>> X, y = load_digit_images()
+    >>> Xtr, ytr, Xte, yte = few_shot_split(X, y, 4, seed=0)
+    >>> LinearProbeClassifier().fit(Xtr, ytr).predict(Xte[:3]).shape
+    (3,)
+    """
+
+    _parameter_constraints: dict = {
+        "backend": "no_validation",
+        "class_names": "no_validation",
+        "C": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    def __init__(self, *, backend=None, class_names=None, C=1.0, max_iter=1000):
+        self.backend = backend
+        self.class_names = class_names
+        self.C = C
+        self.max_iter = max_iter
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Fit the logistic regression on the image features of ``X``."""
+        images, classes, y_idx, names = self._prepare(X, y)
+        feats = self._access().image_features(images).numpy()
+        self.classes_, self.class_names_ = classes, names
+        self.linear_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(feats, y_idx)
+        return self
+
+    def _logits(self, wb, images):
+        return self.linear_.decision_function(wb.image_features(images).numpy()).reshape(len(images), -1)
+
+
+class TipAdapterClassifier(_WhiteBoxBase):
+    """Tip-Adapter (white-box, training-free): zero-shot logits plus a key-value cache of the shots.
+
+    ``logits = 100 * f T^T + alpha * exp(-beta * (1 - f F^T)) L``, with ``F`` the training
+    image features, ``L`` their one-hot labels and ``T`` the hand-written prompts' text features.
+
+    Parameters
+    ----------
+    backend : OpenCLIPBackend or None, default=None
+    class_names : mapping, sequence or None, default=None
+    alpha : float, default=1.0
+        Weight of the cache.
+    beta : float, default=5.5
+        Sharpness of the cache affinities.
+
+    Examples
+    --------
+    >>> from skcarrot.baselines import TipAdapterClassifier
+    >>> from skcarrot.datasets import few_shot_split, load_digit_images
+    >>> X, y = load_digit_images()
+    >>> Xtr, ytr, Xte, yte = few_shot_split(X, y, 4, seed=0)
+    >>> TipAdapterClassifier().fit(Xtr, ytr).predict_proba(Xte[:2]).shape
+    (2, 10)
+    """
+
+    _parameter_constraints: dict = {
+        "backend": "no_validation",
+        "class_names": "no_validation",
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "beta": [Interval(Real, 0, None, closed="left")],
+    }
+
+    def __init__(self, *, backend=None, class_names=None, alpha=1.0, beta=5.5):
+        self.backend = backend
+        self.class_names = class_names
+        self.alpha = alpha
+        self.beta = beta
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Build the cache from ``(X, y)``; no training."""
+        images, classes, y_idx, names = self._prepare(X, y)
+        wb = self._access()
+        self.classes_, self.class_names_ = classes, names
+        self.cache_keys_ = wb.image_features(images).numpy().astype(np.float32)
+        self.cache_values_ = np.eye(len(classes), dtype=np.float32)[y_idx]
+        return self
+
+    def _logits(self, wb, images):
+        with torch.no_grad():
+            text = wb.text_features(self.class_names_, torch.zeros((1,) + wb.context_shape))[0].numpy()
+        f = wb.image_features(images).numpy()
+        affinity = np.exp(-self.beta * (1.0 - f @ self.cache_keys_.T))
+        return (100.0 * f @ text.T + self.alpha * affinity @ self.cache_values_).astype(np.float64)

@@ -1,0 +1,153 @@
+"""Benchmark loaders and the ``skcarrot bench`` command on generated miniature dataset trees."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skcarrot.cli import main
+from skcarrot.datasets import load_benchmark, sample_few_shot
+from skcarrot.datasets.benchmark import SPLIT_DATASETS
+
+RNG = np.random.RandomState(0)
+
+
+def _img(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.clip(RNG.normal(value, 20, size=(12, 12, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def make_split_dataset(root, name, classes, per_split=(4, 2, 3)):
+    """A miniature copy of a split_zhou dataset: a few tiny images per class."""
+    folder, image_dir, split_file = SPLIT_DATASETS[name]
+    base = root / folder
+    split = {}
+    for part, n in zip(("train", "val", "test"), per_split):
+        rows = []
+        for label, cname in enumerate(classes):
+            for i in range(n):
+                rel = f"{cname.replace(' ', '_')}/{part}_{i}.jpg"
+                _img(base / image_dir / rel, 40 + 60 * label)
+                rows.append([rel, label, cname])
+        split[part] = rows
+    (base / split_file).write_text(json.dumps(split))
+    return base
+
+
+def make_imagenet(root, wnids=("n01", "n02", "n03"), per_class=3):
+    base = root / "imagenet"
+    (base).mkdir(parents=True)
+    (base / "classnames.txt").write_text("\n".join(f"{w} class {w}" for w in wnids))
+    for part in ("train", "val"):
+        for j, w in enumerate(wnids):
+            for i in range(per_class):
+                _img(base / "images" / part / w / f"{i}.JPEG", 50 + 70 * j)
+    a = root / "imagenet-adversarial"
+    (a / "classnames.txt").parent.mkdir(parents=True)
+    (a / "classnames.txt").write_text((base / "classnames.txt").read_text())
+    for j, w in enumerate(wnids[1:]):  # a 2-class subset, as -A has 200 of 1000
+        for i in range(2):
+            _img(a / "imagenet-a" / w / f"{i}.jpg", 50 + 70 * (j + 1))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_split_dataset(root, "eurosat", ["Annual Crop Land", "Forest", "Sea or Lake"])
+    make_split_dataset(root, "dtd", ["banded", "blotchy"])
+    for name in ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "sun397", "ucf101"):
+        make_split_dataset(root, name, ["a_b", "c"], per_split=(2, 1, 1))
+    air = root / "fgvc_aircraft"
+    (air / "variants.txt").parent.mkdir(parents=True)
+    (air / "variants.txt").write_text("707-320\nA300B4\n")
+    for part in ("train", "val", "test"):
+        lines = []
+        for j, v in enumerate(["707-320", "A300B4"]):
+            for i in range(2):
+                name = f"{part}{j}{i}"
+                _img(air / "images" / f"{name}.jpg", 60 + 80 * j)
+                lines.append(f"{name} {v}")
+        (air / f"images_variant_{part}.txt").write_text("\n".join(lines))
+    make_imagenet(root)
+    return root
+
+
+def test_every_layout_loads(tree):
+    for name in list(SPLIT_DATASETS) + ["fgvc_aircraft", "imagenet", "imagenet_a"]:
+        ds = load_benchmark(name, tree)
+        assert ds.classnames and len(ds.test[1]) > 0, name
+    assert load_benchmark("caltech101", tree).classnames == ["a b", "c"]  # underscores cleaned
+    a = load_benchmark("imagenet_a", tree)
+    assert list(a.label_subset) == [1, 2] and len(a.classnames) == 2
+
+
+def test_sampler_is_seeded_and_never_uses_test_images(tree):
+    ds = load_benchmark("eurosat", tree)
+    t1, t2, t3 = (sample_few_shot(ds, 2, s) for s in (1, 1, 2))
+    assert t1.X_train == t2.X_train and t1.X_train != t3.X_train
+    assert len(t1.X_train) == 2 * 3 and len(t1.X_val) == 2 * 3
+    test = set(ds.test[0])
+    for t in (t1, t3):
+        assert not test & set(t.X_train) and not test & set(t.X_val)
+    im = load_benchmark("imagenet", tree)
+    t = sample_few_shot(im, 2, 0)
+    assert not set(t.X_train) & set(t.X_val) and not set(t.X_train) & set(im.test[0])
+
+
+def test_missing_split_file_names_file_and_folder(tree, tmp_path):
+    (tmp_path / "dtd").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"split file 'split_zhou_DescribableTextures.json' not found in .*dtd"):
+        load_benchmark("dtd", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"folder 'eurosat' not found in"):
+        load_benchmark("eurosat", tmp_path)
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text('{"train": [[1, 2]], "val": [], "test": []}')
+    with pytest.raises(ValueError, match=r"train\[0\] should be \[relative_path, label, classname\]"):
+        load_benchmark("dtd", tmp_path)
+    code = main(["bench", "--root", str(tmp_path), "--datasets", "eurosat", "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 2
+
+
+def test_bench_end_to_end_and_resume(tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["bench", "--root", str(tree), "--datasets", "eurosat", "dtd", "--shots", "1", "2", "--seeds", "1", "2",
+            "--methods", "zeroshot", "bbt", "carrot", "--budget", "82", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 * 3
+    assert {r["method"] for r in rows} == {"zeroshot", "bbt", "carrot"}
+    assert all(0 <= r["accuracy"] <= 100 and r["queries"] <= 82 for r in rows)
+    assert all(r["queries"] == 0 for r in rows if r["method"] == "zeroshot")
+    md = (out / "summary.md").read_text()
+    assert "| eurosat | 1 | zeroshot | black-box |" in md and "37.56" in md
+    assert len((out / "summary.csv").read_text().splitlines()) == 1 + 2 * 2 * 3
+    before = (out / "results.jsonl").read_text()
+    assert main(args) == 0  # resumed: nothing to do
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_white_box_baselines_and_shift_sets_share_the_table(tree, tmp_path):
+    out = tmp_path / "out"
+    args = ["bench", "--root", str(tree), "--datasets", "imagenet", "imagenet_a", "--shots", "1", "--seeds", "1",
+            "--methods", "zeroshot", "coop", "linear_probe", "tip_adapter", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["dataset"], r["method"]) for r in rows} == {
+        (d, m) for d in ("imagenet", "imagenet_a") for m in ("zeroshot", "coop", "linear_probe", "tip_adapter")
+    }
+    assert {r["kind"] for r in rows if r["method"] != "zeroshot"} == {"white-box"}
+    assert all(r["fitted_on"] == "imagenet" for r in rows)
+    md = (out / "summary.md").read_text()
+    for m in ("coop", "linear_probe", "tip_adapter"):
+        assert f"| {m} | white-box |" in md
+
+
+def test_bench_list_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "skcarrot", "bench", "--list"], capture_output=True, text=True, check=True)
+    for word in ("eurosat", "imagenet_r", "carrot", "tip_adapter", "white-box", "sigma=0.02"):
+        assert word in out.stdout
+    version = subprocess.run([sys.executable, "-m", "skcarrot", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("skcarrot ")
