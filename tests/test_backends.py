@@ -174,3 +174,32 @@ def test_bad_templates():
 def test_other_template_changes_context_shape():
     b = OpenCLIPBackend(model_name=MICRO, pretrained=None, template="a blurry photo of the number {}")  # 6 words
     assert b.context_shape == (6, 32)
+
+
+def test_shared_prefix_equals_the_plain_pass(micro):
+    box = micro._box()
+    assert box.share_prefix
+    tokens = box.tokens_for(["cat", "a much longer class name", "x", "dog"])
+    offsets = torch.from_numpy(np.random.RandomState(1).normal(0, 0.5, size=(7, 4, 32)).astype(np.float32))
+    with torch.no_grad():
+        shared = box.text_features(tokens, offsets, share_prefix=True)
+        plain = box.text_features(tokens, offsets, share_prefix=False)
+    np.testing.assert_allclose(shared.numpy(), plain.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_is_differentiable(micro):
+    wb = micro.white_box()
+    offsets = torch.zeros(1, 4, 32, requires_grad=True)
+    wb.text_features(["cat", "dog"], offsets).sum().backward()
+    assert offsets.grad is not None and torch.isfinite(offsets.grad).all() and offsets.grad.abs().sum() > 0
+
+
+def test_half_precision_stays_close(images):
+    fp32 = OpenCLIPBackend(model_name=MICRO, pretrained=None, precision="fp32")
+    bf16 = OpenCLIPBackend(model_name=MICRO, pretrained=None, precision="bf16")
+    offsets = np.random.RandomState(2).normal(0, 0.1, size=(3, 4, 32))
+    a, b = fp32.logits(images, NAMES, offsets), bf16.logits(images, NAMES, offsets)
+    assert b.dtype == np.float64
+    np.testing.assert_allclose(b, a, atol=0.05 * np.abs(a).max())
+    with pytest.raises(ValueError, match="precision must be"):
+        OpenCLIPBackend(model_name=MICRO, pretrained=None, precision="int4").context_shape

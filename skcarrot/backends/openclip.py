@@ -23,6 +23,7 @@ from sklearn.base import BaseEstimator
 
 from .._threads import threads_for, torch_threads
 from ..exceptions import WeightsUnavailableError
+from ._prefix import encode_shared_prefix, supports_prefix_sharing
 
 __all__ = ["OpenCLIPBackend", "WhiteBoxAccess", "register_model_configs"]
 
@@ -86,8 +87,17 @@ def _image_key(img: Any) -> bytes:
 class _LoadedBox:
     """Everything behind the door for one (model, weights, template, device)."""
 
-    def __init__(self, model: torch.nn.Module, preprocess: Any, tokenizer: Any, template: str, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Any,
+        tokenizer: Any,
+        template: str,
+        device: torch.device,
+        precision: str = "fp32",
+    ):
         self.model = model
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
@@ -108,6 +118,7 @@ class _LoadedBox:
         if self.pool_type not in ("argmax", "eos"):
             raise ValueError(f"text pooling {self.pool_type!r} is not supported (need 'argmax' or 'eos')")
         self.dim = int(tower.token_embedding.weight.shape[1])
+        self.share_prefix = supports_prefix_sharing(tower)
         self.n_ctx, self.ctx_tokens = self._context_tokens(template)
         self.image_features: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.class_tokens: dict[tuple[str, ...], torch.Tensor] = {}
@@ -142,6 +153,11 @@ class _LoadedBox:
             self.class_tokens[key] = toks
         return toks
 
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         keys = [_image_key(img) for img in images]
@@ -165,8 +181,13 @@ class _LoadedBox:
         """Text features ``(P, C, E)`` of every class under every prompt offset."""
         return self.text_features(tokens, offsets)
 
-    def text_features(self, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """As :meth:`encode_prompts`, differentiable in ``offsets`` outside inference mode."""
+    def text_features(self, tokens: torch.Tensor, offsets: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
+        """As :meth:`encode_prompts`, differentiable in ``offsets`` outside inference mode.
+
+        The sequences are cut to the longest real length in the call (exact under causal
+        attention) and, when ``share_prefix``, the start token and context words are
+        encoded once per prompt offset and shared by every class (also exact).
+        """
         tower = self.tower
         if self.pool_type == "argmax":
             end = tokens.argmax(dim=-1)
@@ -182,18 +203,26 @@ class _LoadedBox:
             mask = mask[:length, :length].to(cast)
         n_classes = tokens.shape[0]
         per_chunk = max(1, _SEQUENCES_PER_CHUNK // n_classes)
+        n_prefix = 1 + self.n_ctx  # start token and context words: the same for every class
+        shared = share_prefix and self.share_prefix and n_classes > 1 and length > n_prefix
         out = []
         for start in range(0, offsets.shape[0], per_chunk):
             off = offsets[start : start + per_chunk].to(cast)
             p = off.shape[0]
-            ctx = base[:, 1 : 1 + self.n_ctx].unsqueeze(0) + off.unsqueeze(1)  # (p, C, n_ctx, D)
-            x = torch.cat(
-                [base[:, :1].expand(p, -1, -1, -1), ctx, base[:, 1 + self.n_ctx :].expand(p, -1, -1, -1)], dim=2
-            )
-            x = x.reshape(p * n_classes, length, -1) + pos
-            x = tower.transformer(x, attn_mask=mask)
-            x = tower.ln_final(x)
-            x = x[torch.arange(x.shape[0], device=x.device), end.repeat(p)]
+            if shared:
+                prefix = torch.cat([base[:1, :1].expand(p, -1, -1), base[0, 1:n_prefix] + off], dim=1)
+                hidden = encode_shared_prefix(tower, prefix + pos[:n_prefix], base[:, n_prefix:] + pos[n_prefix:])
+                x = tower.ln_final(hidden.reshape(p * n_classes, length - n_prefix, -1))
+                x = x[torch.arange(x.shape[0], device=x.device), end.repeat(p) - n_prefix]
+            else:
+                ctx = base[:, 1:n_prefix].unsqueeze(0) + off.unsqueeze(1)  # (p, C, n_ctx, D)
+                x = torch.cat(
+                    [base[:, :1].expand(p, -1, -1, -1), ctx, base[:, n_prefix:].expand(p, -1, -1, -1)], dim=2
+                )
+                x = x.reshape(p * n_classes, length, -1) + pos
+                x = tower.transformer(x, attn_mask=mask)
+                x = tower.ln_final(x)
+                x = x[torch.arange(x.shape[0], device=x.device), end.repeat(p)]
             proj = tower.text_projection
             if proj is not None:
                 x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
@@ -206,20 +235,38 @@ class _LoadedBox:
         layers = len(getattr(self.tower.transformer, "resblocks", [None]))
         flops = 24.0 * len(offsets) * len(class_names) * 16 * width * width * layers
         threads = threads_for(flops) if self.device.type == "cpu" else None
-        with self.lock, torch.inference_mode(), torch_threads(threads):
+        with self.lock, torch.inference_mode(), torch_threads(threads), self._autocast():
             img = self.encode_images(images)  # (N, E)
             txt = self.encode_prompts(
                 self.tokens_for(class_names), torch.as_tensor(np.asarray(offsets, dtype=np.float32), device=self.device)
             )  # (P, C, E)
-            scale = self.model.logit_scale.exp().float()
-            out = scale * torch.einsum("ne,pce->pnc", img, txt)
-            bias = getattr(self.model, "logit_bias", None)
-            if bias is not None:
-                out = out + bias.float()
+            with torch.autocast(device_type=self.device.type, enabled=False):  # the product in fp32
+                scale = self.model.logit_scale.exp().float()
+                out = scale * torch.einsum("ne,pce->pnc", img.float(), txt.float())
+                bias = getattr(self.model, "logit_bias", None)
+                if bias is not None:
+                    out = out + bias.float()
             return out.cpu().numpy().astype(np.float64)
 
 
-def _load_box(model_name: str, pretrained: str | None, template: str, device: torch.device, cache_dir: str | None) -> _LoadedBox:
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    return precision
+
+
+def _load_box(
+    model_name: str,
+    pretrained: str | None,
+    template: str,
+    device: torch.device,
+    cache_dir: str | None,
+    precision: str = "fp32",
+) -> _LoadedBox:
     import open_clip
 
     is_schema = model_name.startswith(("hf-hub:", "local-dir:"))
@@ -260,7 +307,7 @@ def _load_box(model_name: str, pretrained: str | None, template: str, device: to
         )
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)
-    return _LoadedBox(model, preprocess, tokenizer, template, device)
+    return _LoadedBox(model, preprocess, tokenizer, template, device, precision)
 
 
 class WhiteBoxAccess:
@@ -279,13 +326,14 @@ class WhiteBoxAccess:
 
     def image_features(self, images: Sequence[Any]) -> torch.Tensor:
         """L2-normalised image features ``(N, E)`` (cached per distinct image), no gradient."""
-        with self._box.lock:
-            return self._box.encode_images(images).detach().clone().cpu()
+        with self._box.lock, self._box._autocast():
+            return self._box.encode_images(images).detach().clone().float().cpu()
 
     def text_features(self, class_names: Sequence[str], offsets: torch.Tensor) -> torch.Tensor:
         """L2-normalised text features ``(P, C, E)``, differentiable in ``offsets`` ``(P, n_ctx, dim)``."""
         tokens = self._box.tokens_for(list(class_names))
-        return self._box.text_features(tokens, offsets.to(self._box.device)).cpu()
+        with self._box._autocast():
+            return self._box.text_features(tokens, offsets.to(self._box.device)).float().cpu()
 
 
 class OpenCLIPBackend(BaseEstimator):
@@ -306,6 +354,9 @@ class OpenCLIPBackend(BaseEstimator):
         ``"auto"`` (CUDA when available, else CPU), or any torch device string.
     cache_dir : str or None, default=None
         Where open_clip keeps downloaded weights.
+    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+        Arithmetic inside the box (autocast). ``"auto"``: bf16 (fp16 where bf16 is not
+        supported) on CUDA, fp32 on CPU. Logits are returned as float64 either way.
 
     Attributes
     ----------
@@ -338,25 +389,28 @@ class OpenCLIPBackend(BaseEstimator):
         template: str = "a photo of a {}.",
         device: str = "auto",
         cache_dir: str | None = None,
+        precision: str = "auto",
     ) -> None:
         self.model_name = model_name
         self.pretrained = pretrained
         self.template = template
         self.device = device
         self.cache_dir = cache_dir
+        self.precision = precision
 
     def _box(self) -> _LoadedBox:
         pretrained = os.fspath(self.pretrained) if self.pretrained is not None else None
         if pretrained is not None and os.path.isfile(pretrained):
             pretrained = os.path.abspath(pretrained)
         device = _resolve_device(self.device)
-        key = (self.model_name, pretrained, self.template, str(device), self.cache_dir)
+        precision = _resolve_precision(self.precision, device)
+        key = (self.model_name, pretrained, self.template, str(device), self.cache_dir, precision)
         box = _MODELS.get(key)
         if box is None:
             with _LOCK:
                 box = _MODELS.get(key)
                 if box is None:
-                    box = _load_box(self.model_name, pretrained, self.template, device, self.cache_dir)
+                    box = _load_box(self.model_name, pretrained, self.template, device, self.cache_dir, precision)
                     _MODELS[key] = box
         return box
 
