@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.linear_model import LogisticRegression
-from sklearn.utils import check_random_state, column_or_1d
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
+from .classifier import check_images_and_labels, resolve_class_names
 from .images import to_pil_images
 
 __all__ = ["CoOpClassifier", "LinearProbeClassifier", "TipAdapterClassifier"]
@@ -49,18 +49,8 @@ class _WhiteBoxBase(ClassifierMixin, BaseEstimator):
         return backend.white_box()
 
     def _prepare(self, X, y):
-        images = to_pil_images(X)
-        y = column_or_1d(y, warn=True)
-        if len(images) != len(y):
-            raise ValueError(f"X has {len(images)} images but y has {len(y)} labels")
-        check_classification_targets(y)
-        classes, y_idx = np.unique(y, return_inverse=True)
-        if len(classes) < 2:
-            raise ValueError("the training data contains only one class; a classifier needs at least two")
-        from .classifier import CarrotClassifier
-
-        names = CarrotClassifier(class_names=self.class_names)._resolve_class_names(classes)
-        return images, classes, y_idx, names
+        images, classes, y_idx = check_images_and_labels(X, y)
+        return images, classes, y_idx, resolve_class_names(self.class_names, classes)
 
     def decision_function(self, X):
         """Logits ``(n_samples, n_classes)`` in ``classes_`` order."""

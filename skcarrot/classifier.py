@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from numbers import Integral, Real
 
 import numpy as np
@@ -36,6 +36,42 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def check_images_and_labels(X, y) -> tuple[list, np.ndarray, np.ndarray]:
+    """Validate a training set: images, classes and class indices (shared by every estimator)."""
+    images = to_pil_images(X)
+    y = column_or_1d(y, warn=True)
+    if len(images) != len(y):
+        raise ValueError(f"X has {len(images)} images but y has {len(y)} labels")
+    check_classification_targets(y)
+    classes, y_idx = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(
+            f"the training data contains only one class ({classes[0]!r}); a classifier needs at least two"
+        )
+    return images, classes, y_idx
+
+
+def resolve_class_names(names, classes: np.ndarray) -> list[str]:
+    """The prompt name of each class: from a mapping, a sequence, or ``str(label)``."""
+    if names is None:
+        return [str(c) for c in classes]
+    if isinstance(names, Mapping):
+        missing = [c.item() if isinstance(c, np.generic) else c for c in classes if c not in names]
+        if missing:
+            raise ValueError(f"class_names has no name for label(s) {missing[:5]}")
+        return [str(names[c]) for c in classes]
+    names = list(names)
+    is_int = np.issubdtype(np.asarray(classes).dtype, np.integer)
+    if is_int and classes.min() >= 0 and classes.max() < len(names):
+        return [str(names[int(c)]) for c in classes]
+    if len(names) == len(classes):
+        return [str(n) for n in names]
+    raise ValueError(
+        f"class_names has {len(names)} names but y has {len(classes)} classes "
+        f"({list(classes[:5])}...); pass a mapping label -> name, or one name per class"
+    )
 
 
 class CarrotClassifier(ClassifierMixin, BaseEstimator):
@@ -230,26 +266,6 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
 
         return embedded_backend()
 
-    def _resolve_class_names(self, classes: np.ndarray) -> list[str]:
-        names = self.class_names
-        if names is None:
-            return [str(c) for c in classes]
-        if isinstance(names, Mapping):
-            missing = [c.item() if isinstance(c, np.generic) else c for c in classes if c not in names]
-            if missing:
-                raise ValueError(f"class_names has no name for label(s) {missing[:5]}")
-            return [str(names[c]) for c in classes]
-        names = list(names)
-        is_int = np.issubdtype(np.asarray(classes).dtype, np.integer)
-        if is_int and classes.min() >= 0 and classes.max() < len(names):
-            return [str(names[int(c)]) for c in classes]
-        if len(names) == len(classes):
-            return [str(n) for n in names]
-        raise ValueError(
-            f"class_names has {len(names)} names but y has {len(classes)} classes "
-            f"({list(classes[:5])}...); pass a mapping label -> name, or one name per class"
-        )
-
     def _check_X(self, X) -> list:
         images = to_pil_images(X)
         width = flat_width(X)
@@ -289,18 +305,8 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
             The fitted estimator.
         """
         start_time = time.perf_counter()
-        images = to_pil_images(X)
-        y = column_or_1d(y, warn=True)
-        if len(images) != len(y):
-            raise ValueError(f"X has {len(images)} images but y has {len(y)} labels")
-        check_classification_targets(y)
-        classes, y_idx = np.unique(y, return_inverse=True)
-        if len(classes) < 2:
-            raise ValueError(
-                f"the training data contains only one class ({classes[0]!r}); "
-                "a classifier needs at least two"
-            )
-        names = self._resolve_class_names(classes)
+        images, classes, y_idx = check_images_and_labels(X, y)
+        names = resolve_class_names(self.class_names, classes)
 
         warm = self.warm_start and hasattr(self, "classes_")
         if warm and (len(classes) != len(self.classes_) or np.any(classes != self.classes_)):
