@@ -38,6 +38,15 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _progress_bar(verbose: int, total: int, unit: str):
+    """A tqdm bar on stderr over a fit (verbose >= 1), else None."""
+    if not verbose or total <= 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, desc="CarrotClassifier.fit", leave=True)
+
+
 def check_images_and_labels(X, y) -> tuple[list, np.ndarray, np.ndarray]:
     """Validate a training set: images, classes and class indices (shared by every estimator)."""
     images = to_pil_images(X)
@@ -139,7 +148,9 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         Seeds the projection, CMA-ES, augmentation and the refiner.
     verbose : int, default=0
-        0 prints nothing; 1 or more prints one line per generation.
+        0 prints nothing; 1 shows a progress bar over the queries (tqdm, on stderr); 2 also
+        prints one line per generation (generation, queries, best fitness, refiner loss,
+        training accuracy).
     warm_start : bool, default=False
         Continue from the previous fit's prompt and refiner (the class set
         must not change); each call has its own ``query_budget``.
@@ -384,6 +395,9 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
         y_t = torch.as_tensor(y_idx, dtype=torch.long)
         n_train = len(images)
         pool_logits = None
+        # The bar counts queries; without prompt search (one query in all) it counts epochs.
+        by_query = bool(self.prompt_tuning)
+        bar = _progress_bar(self.verbose, n_gen * per_generation if by_query else n_gen, "query" if by_query else "epoch")
         for gen in range(n_gen):
             best_fit = mean_fit = train_acc = np.nan
             ref_loss = np.nan
@@ -438,13 +452,17 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
                 "train_accuracy": train_acc,
             }
             history.append(record)
-            if self.verbose:
+            if bar is not None:
+                bar.update(box.n_queries - bar.n if by_query else 1)
+            if self.verbose >= 2:
                 print(
                     f"Generation {record['generation']}, queries = {record['queries']}, "
                     f"best fitness = {best_fit:.4f}, refiner loss = {ref_loss:.4f}, "
                     f"train accuracy = {train_acc:.3f}"
                 )
             logger.debug("generation %d: %s", record["generation"], record)
+        if bar is not None:
+            bar.close()
 
         self.classes_ = classes
         self.class_names_ = names

@@ -223,8 +223,13 @@ def test_verbose_output(digits, capsys):
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
     CarrotClassifier(backend=ToyBackend(), verbose=1, **dict(FAST, query_budget=30)).fit(Xtr, ytr)
-    lines = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr()
+    assert out.out == "" and "CarrotClassifier.fit" in out.err and "27/27" in out.err
+    CarrotClassifier(backend=ToyBackend(), verbose=2, **dict(FAST, query_budget=30)).fit(Xtr, ytr)
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("Generation 1, queries = 9, best fitness = ")
+    assert "27/27" in out.err
 
 
 # ---------------------------------------------------------------- mechanics
