@@ -13,7 +13,12 @@ import numpy as np
 
 from skcarrot.backends import OpenCLIPBackend
 from skcarrot.backends.embedded import EMBEDDED_MODEL, EMBEDDED_WEIGHTS
-from skcarrot.datasets import FASHION_CLASSES, load_digit_images, load_fashion_mnist, load_opencv_digits
+from skcarrot.datasets import (
+    FASHION_CLASSES,
+    load_digit_images,
+    load_fashion_mnist,
+    load_opencv_digits,
+)
 from skcarrot.images import to_pil_images
 from skcarrot.pretrain import opencv_digits_split
 

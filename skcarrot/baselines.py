@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,18 +53,37 @@ class _WhiteBoxBase(ClassifierMixin, BaseEstimator):
         images, classes, y_idx = check_images_and_labels(X, y)
         return images, classes, y_idx, resolve_class_names(self.class_names, classes)
 
-    def decision_function(self, X):
+    def decision_function(self, X: Any) -> np.ndarray:
         """Logits ``(n_samples, n_classes)`` in ``classes_`` order."""
         check_is_fitted(self)
         return self._logits(self._access(), to_pil_images(X))
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``(n_samples, n_classes)``; rows sum to 1."""
         return _softmax(self.decision_function(X))
 
-    def predict(self, X):
+    def predict(self, X: Any) -> np.ndarray:
         """Predicted labels."""
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Mean accuracy of ``predict(X)`` against ``y``.
+
+        Parameters
+        ----------
+        X : sequence of images or ndarray
+            As in :meth:`fit`.
+        y : array-like of shape (n_samples,)
+            True labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        score : float
+            Fraction of correctly classified images.
+        """
+        return super().score(X, y, sample_weight=sample_weight)
 
 
 class CoOpClassifier(_WhiteBoxBase):
@@ -121,7 +141,7 @@ class CoOpClassifier(_WhiteBoxBase):
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X: Any, y: Any) -> "CoOpClassifier":
         """Train the context vectors on ``(X, y)``."""
         images, classes, y_idx, names = self._prepare(X, y)
         wb = self._access()
@@ -194,7 +214,7 @@ class LinearProbeClassifier(_WhiteBoxBase):
         self.max_iter = max_iter
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X: Any, y: Any) -> "LinearProbeClassifier":
         """Fit the logistic regression on the image features of ``X``."""
         images, classes, y_idx, names = self._prepare(X, y)
         feats = self._access().image_features(images).numpy()
@@ -245,7 +265,7 @@ class TipAdapterClassifier(_WhiteBoxBase):
         self.beta = beta
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X: Any, y: Any) -> "TipAdapterClassifier":
         """Build the cache from ``(X, y)``; no training."""
         images, classes, y_idx, names = self._prepare(X, y)
         wb = self._access()

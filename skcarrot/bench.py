@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from .datasets.benchmark import DATASETS, IMAGENET_VARIANTS, load_benchmark, sample_few_shot
+from .datasets.benchmark import (
+    DATASETS,
+    IMAGENET_VARIANTS,
+    load_benchmark,
+    sample_few_shot,
+)
 from .presets import PRESETS, preset_params
 
 __all__ = ["METHODS", "run_bench", "make_estimator", "paper_numbers"]
@@ -54,7 +59,15 @@ def paper_numbers() -> dict:
 
 def make_estimator(method: str, dataset: str, n_shots: int, seed: int, backend: Any, classnames: list,
                    budget: int | None = None):
-    """The estimator of ``method`` with the dataset's preset, seeded."""
+    """The estimator of ``method`` with the dataset's preset, seeded.
+
+    Examples
+    --------
+    >>> from skcarrot.bench import make_estimator
+    >>> est = make_estimator("bbt", "eurosat", 4, seed=1, backend=None, classnames=["a", "b"])
+    >>> est.query_budget, est.sigma, est.refinement
+    (4000, 0.02, False)
+    """
     from .baselines import CoOpClassifier, LinearProbeClassifier, TipAdapterClassifier
     from .classifier import CarrotClassifier
 
@@ -134,7 +147,34 @@ def run_bench(
 ) -> list[dict]:
     """Run every (dataset, shots, seed, method) not yet in ``out/results.jsonl``; write the summary.
 
-    Returns the rows of every finished run, old and new.
+    Parameters
+    ----------
+    root : str or None
+        Folder holding the dataset folders (not needed for ``digits`` / ``fashion_mnist``).
+    datasets, shots, seeds, methods : lists
+        The grid; see :data:`METHODS` and :data:`skcarrot.datasets.DATASETS`.
+    out : str
+        Output folder: ``results.jsonl``, ``summary.csv``, ``summary.md``.
+    model, pretrained : str or None
+        open_clip model and weights; None: the embedded model.
+    budget : int or None
+        Query budget of every fit; None: the paper's, by shots.
+    quiet : bool
+        No progress bar.
+
+    Returns
+    -------
+    rows : list of dict
+        Every finished run, old and new.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from skcarrot.bench import run_bench
+    >>> rows = run_bench(root=None, datasets=["digits"], shots=[1], seeds=[1], methods=["zeroshot"],
+    ...                  out=tempfile.mkdtemp(), quiet=True)
+    >>> rows[0]["method"], rows[0]["queries"]
+    ('zeroshot', 0)
     """
     from .backends import OpenCLIPBackend
     from .backends.embedded import EMBEDDED_MODEL, EMBEDDED_WEIGHTS
@@ -210,7 +250,19 @@ def run_bench(
 
 
 def write_summary(rows: list[dict], out_dir: Path) -> None:
-    """Mean and std over seeds per (dataset, shots, method), as CSV and Markdown, with paper numbers."""
+    """Mean and std over seeds per (dataset, shots, method), as CSV and Markdown, with paper numbers.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from skcarrot.bench import write_summary
+    >>> out = Path(tempfile.mkdtemp())
+    >>> row = dict(dataset="eurosat", shots=1, seed=1, method="zeroshot", accuracy=40.0, queries=0, fit_seconds=0.1)
+    >>> write_summary([row], out)
+    >>> (out / "summary.md").read_text().splitlines()[2]
+    '| eurosat | 1 | zeroshot | black-box | 40.00 ± 0.00 | 1 | 0 | 0.1 | 37.56 |'
+    """
     paper = paper_numbers()
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -253,7 +305,14 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
 
 
 def list_text() -> str:
-    """What ``skcarrot bench --list`` prints."""
+    """What ``skcarrot bench --list`` prints.
+
+    Examples
+    --------
+    >>> from skcarrot.bench import list_text
+    >>> list_text().splitlines()[0]
+    'datasets:'
+    """
     out = ["datasets:"]
     for d in DATASETS:
         out.append(f"  {d}{'  (test-only: scored by an ImageNet fit)' if d in IMAGENET_VARIANTS else ''}")

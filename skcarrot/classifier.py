@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Mapping
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 import torch
@@ -299,7 +300,7 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
 
     # ---------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X: Any, y: Any) -> "CarrotClassifier":
         """Fit the prompt and the refiner to few-shot images within the query budget.
 
         Parameters
@@ -486,7 +487,7 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     # ------------------------------------------------------------------ predict
-    def decision_function(self, X):
+    def decision_function(self, X: Any) -> np.ndarray:
         """Refined logits of each image.
 
         Parameters
@@ -517,7 +518,7 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"backend.logits returned shape {logits.shape}, expected {expected}")
         return refine_logits(logits[0], self.refiner_weights_)
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities of each image.
 
         Parameters
@@ -533,7 +534,7 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         return _softmax(self._refined_logits(X))
 
-    def predict(self, X):
+    def predict(self, X: Any) -> np.ndarray:
         """Predicted label of each image.
 
         Parameters
@@ -547,6 +548,25 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         return self.classes_[np.argmax(self._refined_logits(X), axis=1)]
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Mean accuracy of ``predict(X)`` against ``y``.
+
+        Parameters
+        ----------
+        X : sequence of images or ndarray
+            As in :meth:`fit`.
+        y : array-like of shape (n_samples,)
+            True labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        score : float
+            Fraction of correctly classified images.
+        """
+        return super().score(X, y, sample_weight=sample_weight)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

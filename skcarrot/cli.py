@@ -20,8 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     Examples
     --------
     >>> from skcarrot.cli import main
-    >>> main(["--version"])  # doctest: +SKIP
-    skcarrot 0.1.0
+    >>> main(["bench", "--list"])  # doctest: +ELLIPSIS
+    datasets:
+    ...
+    0
     """
     parser = argparse.ArgumentParser(prog="skcarrot", description="Few-shot fine-tuning of black-box vision-language models.")
     parser.add_argument("--version", action="version", version=f"skcarrot {__version__}")

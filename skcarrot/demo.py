@@ -73,6 +73,15 @@ def run_demo(
     -------
     status : int
         0, the process exit status.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from skcarrot.demo import run_demo
+    >>> run_demo(query_budget=41, n_shots=2, out_dir=tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    model: the embedded skcarrot-micro-clip
+    ...
+    0
     """
     Xtr, ytr, Xte, yte = digits_few_shot(n_shots, seed=random_state)
     model = "the embedded skcarrot-micro-clip" if backend is None else repr(backend)

@@ -8,8 +8,13 @@ at a time. The black box adds the offset to its own context embeddings ``p0``.
 
 from __future__ import annotations
 
-import cma
+import warnings
+
 import numpy as np
+
+with warnings.catch_warnings():  # cma warns at import when matplotlib is absent; we never plot
+    warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+    import cma
 
 __all__ = ["PromptSearch", "projection_matrix"]
 

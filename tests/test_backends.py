@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import MICRO, StrictBackend, scored
 from sklearn.base import clone
 
-from helpers import MICRO, StrictBackend, scored
 from skcarrot.backends import OpenCLIPBackend, QueryCounter, ToyBackend
 from skcarrot.backends.openclip import _MODELS
 from skcarrot.exceptions import QueryBudgetExceededError, WeightsUnavailableError

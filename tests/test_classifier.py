@@ -6,12 +6,12 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, MICRO, StrictBackend, scored
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from helpers import FAST, MICRO, StrictBackend, scored
 from skcarrot import CarrotClassifier, OpenCLIPBackend, ToyBackend
 from skcarrot.images import to_pil_images
 from skcarrot.losses import cross_entropy

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from helpers import FAST, digits_split
 from sklearn.model_selection import GridSearchCV
 
-from helpers import FAST, digits_split
 from skcarrot import CarrotClassifier
 from skcarrot.backends import embedded_backend
 

@@ -8,8 +8,8 @@ deterministic stand-in for tests and examples.
 """
 
 from ._base import BlackBoxVLM, QueryCounter
+from .embedded import embedded_backend
 from .openclip import OpenCLIPBackend, register_model_configs
 from .toy import ToyBackend
-from .embedded import embedded_backend
 
 __all__ = ["BlackBoxVLM", "QueryCounter", "OpenCLIPBackend", "ToyBackend", "register_model_configs", "embedded_backend"]

@@ -317,6 +317,15 @@ class WhiteBoxAccess:
     ----------
     context_shape : tuple of (int, int)
     logit_scale : float
+
+    Examples
+    --------
+    >>> from skcarrot.backends import OpenCLIPBackend
+    >>> from skcarrot.images import to_pil_images
+    >>> import numpy as np
+    >>> wb = OpenCLIPBackend(model_name="skcarrot-micro-test", pretrained=None).white_box()
+    >>> wb.image_features(to_pil_images(np.zeros((2, 8, 8), dtype=np.uint8))).shape
+    torch.Size([2, 32])
     """
 
     def __init__(self, box: _LoadedBox) -> None:
@@ -424,6 +433,18 @@ class OpenCLIPBackend(BaseEstimator):
 
         :class:`skcarrot.CarrotClassifier` never calls this; the white-box baselines in
         :mod:`skcarrot.baselines` (CoOp, linear probe, Tip-Adapter) do, and say so.
+
+        Returns
+        -------
+        access : WhiteBoxAccess
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skcarrot.backends import OpenCLIPBackend
+        >>> wb = OpenCLIPBackend(model_name="skcarrot-micro-test", pretrained=None).white_box()
+        >>> wb.text_features(["cat", "dog"], torch.zeros(1, 4, 32)).shape
+        torch.Size([1, 2, 32])
         """
         return WhiteBoxAccess(self._box())
 

@@ -70,10 +70,15 @@ def load_opencv_digits(path: str | os.PathLike | None = None) -> tuple[np.ndarra
 
     Examples
     --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from PIL import Image
     >>> from skcarrot.datasets import load_opencv_digits
-    >>> X, y = load_opencv_digits()  # doctest: +SKIP
-    >>> X.shape  # doctest: +SKIP
-    (5000, 20, 20)
+    >>> sheet = os.path.join(tempfile.mkdtemp(), "digits.png")  # a blank sheet of the same layout
+    >>> Image.fromarray(np.zeros((1000, 2000), dtype=np.uint8)).save(sheet)
+    >>> X, y = load_opencv_digits(sheet)
+    >>> X.shape, int(y[0]), int(y[-1])
+    ((5000, 20, 20), 0, 9)
     """
     from PIL import Image
 
@@ -111,10 +116,13 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 
     Examples
     --------
+    >>> import tempfile
     >>> from skcarrot.datasets import load_fashion_mnist
-    >>> X, y = load_fashion_mnist("test")  # doctest: +SKIP
-    >>> X.shape  # doctest: +SKIP
-    (10000, 28, 28)
+    >>> try:
+    ...     X, y = load_fashion_mnist("test", root=tempfile.mkdtemp())
+    ... except FileNotFoundError as exc:
+    ...     print(str(exc).split(";")[0].split(" not found")[0])
+    Fashion-MNIST file t10k-images-idx3-ubyte.gz
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -150,6 +158,13 @@ def few_shot_split(
     return X[train], y[train], X[test], y[test]
 
 
-from .benchmark import DATASETS, FewShotTask, ImageSet, clean_classname, load_benchmark, sample_few_shot  # noqa: E402
+from .benchmark import (  # noqa: E402
+    DATASETS,
+    FewShotTask,
+    ImageSet,
+    clean_classname,
+    load_benchmark,
+    sample_few_shot,
+)
 
 __all__ += ["DATASETS", "FewShotTask", "ImageSet", "clean_classname", "load_benchmark", "sample_few_shot"]
