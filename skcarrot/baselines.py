@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.base import BaseEstimator, _fit_context
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from .classifier import check_images_and_labels, resolve_class_names
+from .classifier import ImageClassifierMixin, check_images_and_labels, resolve_class_names
 from .images import to_pil_images
 
 __all__ = ["CoOpClassifier", "LinearProbeClassifier", "TipAdapterClassifier"]
@@ -33,7 +33,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class _WhiteBoxBase(ClassifierMixin, BaseEstimator):
+class _WhiteBoxBase(ImageClassifierMixin, BaseEstimator):
     """Shared plumbing: backend resolution, targets, class names, features."""
 
     def _access(self):
@@ -65,25 +65,6 @@ class _WhiteBoxBase(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels."""
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Mean accuracy of ``predict(X)`` against ``y``.
-
-        Parameters
-        ----------
-        X : sequence of images or ndarray
-            As in :meth:`fit`.
-        y : array-like of shape (n_samples,)
-            True labels.
-        sample_weight : array-like of shape (n_samples,), default=None
-            Sample weights.
-
-        Returns
-        -------
-        score : float
-            Fraction of correctly classified images.
-        """
-        return super().score(X, y, sample_weight=sample_weight)
 
 
 class CoOpClassifier(_WhiteBoxBase):

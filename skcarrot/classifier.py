@@ -84,7 +84,30 @@ def resolve_class_names(names, classes: np.ndarray) -> list[str]:
     )
 
 
-class CarrotClassifier(ClassifierMixin, BaseEstimator):
+class ImageClassifierMixin(ClassifierMixin):
+    """scikit-learn's ClassifierMixin, with ``score`` documented for image input."""
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Mean accuracy of ``predict(X)`` against ``y``.
+
+        Parameters
+        ----------
+        X : sequence of images or ndarray
+            As in :meth:`fit`.
+        y : array-like of shape (n_samples,)
+            True labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        score : float
+            Fraction of correctly classified images.
+        """
+        return super().score(X, y, sample_weight=sample_weight)
+
+
+class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     """Few-shot classifier that adapts a black-box vision-language model (CARROT).
 
     Two modules are trained together within a budget of queries to the black
@@ -548,25 +571,6 @@ class CarrotClassifier(ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         return self.classes_[np.argmax(self._refined_logits(X), axis=1)]
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Mean accuracy of ``predict(X)`` against ``y``.
-
-        Parameters
-        ----------
-        X : sequence of images or ndarray
-            As in :meth:`fit`.
-        y : array-like of shape (n_samples,)
-            True labels.
-        sample_weight : array-like of shape (n_samples,), default=None
-            Sample weights.
-
-        Returns
-        -------
-        score : float
-            Fraction of correctly classified images.
-        """
-        return super().score(X, y, sample_weight=sample_weight)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
