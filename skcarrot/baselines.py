@@ -21,27 +21,25 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from .classifier import ImageClassifierMixin, check_images_and_labels, resolve_class_names
+from .backends.embedded import resolve_backend
+from .classifier import (
+    ImageClassifierMixin,
+    _softmax,
+    check_images_and_labels,
+    resolve_class_names,
+)
 from .images import to_pil_images
 
 __all__ = ["CoOpClassifier", "LinearProbeClassifier", "TipAdapterClassifier"]
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 class _WhiteBoxBase(ImageClassifierMixin, BaseEstimator):
     """Shared plumbing: backend resolution, targets, class names, features."""
 
-    def _access(self):
-        backend = self.backend
-        if backend is None:
-            from .backends.embedded import embedded_backend
+    _parameter_constraints: dict = {"backend": "no_validation", "class_names": "no_validation"}
 
-            backend = embedded_backend()
+    def _access(self):
+        backend = resolve_backend(self.backend)
         if not hasattr(backend, "white_box"):
             raise TypeError(
                 f"{type(self).__name__} is a white-box method: it needs a backend with white_box() "
@@ -104,8 +102,7 @@ class CoOpClassifier(_WhiteBoxBase):
     """
 
     _parameter_constraints: dict = {
-        "backend": "no_validation",
-        "class_names": "no_validation",
+        **_WhiteBoxBase._parameter_constraints,
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -182,8 +179,7 @@ class LinearProbeClassifier(_WhiteBoxBase):
     """
 
     _parameter_constraints: dict = {
-        "backend": "no_validation",
-        "class_names": "no_validation",
+        **_WhiteBoxBase._parameter_constraints,
         "C": [Interval(Real, 0, None, closed="neither")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
     }
@@ -233,8 +229,7 @@ class TipAdapterClassifier(_WhiteBoxBase):
     """
 
     _parameter_constraints: dict = {
-        "backend": "no_validation",
-        "class_names": "no_validation",
+        **_WhiteBoxBase._parameter_constraints,
         "alpha": [Interval(Real, 0, None, closed="left")],
         "beta": [Interval(Real, 0, None, closed="left")],
     }

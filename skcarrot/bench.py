@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import time
 from collections import defaultdict
 from importlib import resources
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ._progress import progress_bar
 from .datasets.benchmark import (
     DATASETS,
     IMAGENET_VARIANTS,
@@ -112,26 +112,6 @@ def _accuracy(est, X, y, label_subset=None) -> float:
     return float(np.mean(np.argmax(proba[:, cols], axis=1) == y))
 
 
-def _progress(total: int, quiet: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    if tqdm is None or quiet:
-        class _Null:
-            def update(self, n=1):
-                pass
-
-            def set_description(self, s):
-                pass
-
-            def close(self):
-                pass
-
-        return _Null()
-    return tqdm(total=total, unit="run", file=sys.stderr)
-
-
 def run_bench(
     *,
     root: str | None,
@@ -211,7 +191,7 @@ def run_bench(
         for s in seeds
         for m in methods
     ]
-    bar = _progress(sum(len(job[1]) for job in todo), quiet)
+    bar = progress_bar(sum(len(job[1]) for job in todo), "run", enabled=not quiet)
     loaded: dict[str, Any] = {}
     with open(results, "a") as sink:
         for fit_on, scored, k, seed, method in todo:

@@ -20,7 +20,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
+from ._progress import progress_bar
 from .backends import QueryCounter
+from .backends.embedded import resolve_backend
 from .images import AUGMENTATIONS, augmented_views, flat_width, to_pil_images
 from .losses import prompt_fitness
 from .prompt import PromptSearch
@@ -37,15 +39,6 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def _progress_bar(verbose: int, total: int, unit: str):
-    """A tqdm bar on stderr over a fit (verbose >= 1), else None."""
-    if not verbose or total <= 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit=unit, desc="CarrotClassifier.fit", leave=True)
 
 
 def check_images_and_labels(X, y) -> tuple[list, np.ndarray, np.ndarray]:
@@ -295,11 +288,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ helpers
     def _get_backend(self):
-        if self.backend is not None:
-            return self.backend
-        from .backends.embedded import embedded_backend
-
-        return embedded_backend()
+        return resolve_backend(self.backend)
 
     def _check_X(self, X) -> list:
         images = to_pil_images(X)
@@ -421,7 +410,12 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         pool_logits = None
         # The bar counts queries; without prompt search (one query in all) it counts epochs.
         by_query = bool(self.prompt_tuning)
-        bar = _progress_bar(self.verbose, n_gen * per_generation if by_query else n_gen, "query" if by_query else "epoch")
+        bar = progress_bar(
+            n_gen * per_generation if by_query else n_gen,
+            "query" if by_query else "epoch",
+            enabled=bool(self.verbose),
+            desc="CarrotClassifier.fit",
+        )
         for gen in range(n_gen):
             best_fit = mean_fit = train_acc = np.nan
             ref_loss = np.nan
@@ -476,8 +470,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
                 "train_accuracy": train_acc,
             }
             history.append(record)
-            if bar is not None:
-                bar.update(box.n_queries - bar.n if by_query else 1)
+            bar.update(box.n_queries - bar.n if by_query else 1)
             if self.verbose >= 2:
                 print(
                     f"Generation {record['generation']}, queries = {record['queries']}, "
@@ -485,8 +478,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
                     f"train accuracy = {train_acc:.3f}"
                 )
             logger.debug("generation %d: %s", record["generation"], record)
-        if bar is not None:
-            bar.close()
+        bar.close()
 
         self.classes_ = classes
         self.class_names_ = names

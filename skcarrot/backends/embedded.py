@@ -8,10 +8,11 @@ documentation and :mod:`skcarrot.pretrain` for how it was made.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .openclip import OpenCLIPBackend
 
-__all__ = ["EMBEDDED_MODEL", "EMBEDDED_WEIGHTS", "embedded_backend"]
+__all__ = ["EMBEDDED_MODEL", "EMBEDDED_WEIGHTS", "embedded_backend", "resolve_backend"]
 
 #: open_clip model name of the embedded model.
 EMBEDDED_MODEL = "skcarrot-micro-clip"
@@ -46,3 +47,16 @@ def embedded_backend(template: str = "a photo of a {}.", device: str = "auto") -
             "reinstall skcarrot or regenerate them with 'python -m skcarrot.pretrain'"
         )
     return OpenCLIPBackend(model_name=EMBEDDED_MODEL, pretrained=EMBEDDED_WEIGHTS, template=template, device=device)
+
+
+def resolve_backend(backend: Any) -> Any:
+    """The backend an estimator uses: ``backend`` itself, or the embedded model for None.
+
+    Examples
+    --------
+    >>> from skcarrot.backends import ToyBackend
+    >>> from skcarrot.backends.embedded import resolve_backend
+    >>> resolve_backend(None).model_name, type(resolve_backend(ToyBackend())).__name__
+    ('skcarrot-micro-clip', 'ToyBackend')
+    """
+    return embedded_backend() if backend is None else backend
