@@ -200,7 +200,9 @@ class LinearProbeClassifier(_WhiteBoxBase):
         return self
 
     def _logits(self, wb, images):
-        return self.linear_.decision_function(wb.image_features(images).numpy()).reshape(len(images), -1)
+        # Log-probabilities: one column per class, also with two classes (where
+        # decision_function has a single column); softmax of them is predict_proba.
+        return self.linear_.predict_log_proba(wb.image_features(images).numpy()).astype(np.float64)
 
 
 class TipAdapterClassifier(_WhiteBoxBase):
