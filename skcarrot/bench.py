@@ -26,6 +26,7 @@ from .datasets.benchmark import (
     load_benchmark,
     sample_few_shot,
 )
+from .demo import SETTINGS
 from .presets import PRESETS, preset_params
 
 __all__ = ["METHODS", "run_bench", "make_estimator", "paper_numbers"]
@@ -71,12 +72,11 @@ def make_estimator(method: str, dataset: str, n_shots: int, seed: int, backend: 
     from .baselines import CoOpClassifier, LinearProbeClassifier, TipAdapterClassifier
     from .classifier import CarrotClassifier
 
-    if method in ("zeroshot", "bbt", "refine", "carrot"):
+    if method in SETTINGS:
         params = preset_params(dataset, n_shots)
         if budget is not None:
             params["query_budget"] = budget
-        switches = {"zeroshot": (False, False), "bbt": (True, False), "refine": (False, True), "carrot": (True, True)}
-        prompt, refine = switches[method]
+        _, prompt, refine = SETTINGS[method]
         return CarrotClassifier(backend=backend, class_names=classnames, prompt_tuning=prompt, refinement=refine,
                                 random_state=seed, **params)
     if method == "coop":

@@ -13,15 +13,18 @@ import numpy as np
 from .classifier import CarrotClassifier
 from .datasets import few_shot_split, load_digit_images
 
-__all__ = ["digits_few_shot", "run_demo", "METHODS"]
+__all__ = ["digits_few_shot", "run_demo", "METHODS", "SETTINGS"]
 
-#: Method name -> (prompt_tuning, refinement).
-METHODS = {
-    "zero-shot": (False, False),
-    "prompt-only (BBT)": (True, False),
-    "refine-only": (False, True),
-    "CARROT": (True, True),
+#: The four CarrotClassifier settings: short name -> (display name, prompt_tuning, refinement).
+SETTINGS = {
+    "zeroshot": ("zero-shot", False, False),
+    "bbt": ("prompt-only (BBT)", True, False),
+    "refine": ("refine-only", False, True),
+    "carrot": ("CARROT", True, True),
 }
+
+#: Display name -> (prompt_tuning, refinement).
+METHODS = {label: (prompt, refine) for label, prompt, refine in SETTINGS.values()}
 
 
 def digits_few_shot(n_shots: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,6 @@ class FewShotTask:
     y_val: np.ndarray
     X_test: Any
     y_test: np.ndarray
-    extra: dict = field(default_factory=dict)
 
 
 def _require(path: Path, what: str, folder: Path) -> Path:
