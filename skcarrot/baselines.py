@@ -22,12 +22,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from .backends.embedded import resolve_backend
-from .classifier import (
-    ImageClassifierMixin,
-    _softmax,
-    check_images_and_labels,
-    resolve_class_names,
-)
+from ._validation import ImageClassifierMixin, check_images_and_labels, resolve_class_names, softmax
 from .images import to_pil_images
 
 __all__ = ["CoOpClassifier", "LinearProbeClassifier", "TipAdapterClassifier"]
@@ -58,7 +53,7 @@ class _WhiteBoxBase(ImageClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``(n_samples, n_classes)``; rows sum to 1."""
-        return _softmax(self.decision_function(X))
+        return softmax(self.decision_function(X))
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels."""
