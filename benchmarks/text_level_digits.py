@@ -77,10 +77,10 @@ def main():
             run_text_prompt_search(counter, train, ytr, search, n_steps=args.steps)
             learned = search.current()
             acc = held_out_accuracy(learned, test, yte)
-            rows.append((seed, name, acc, counter.n_queries, counter.n_images_scored,
+            rows.append((seed, name, acc, counter.n_queries, counter.n_pairs_scored,
                          time.perf_counter() - start, learned))
             print(f"seed {seed} {name:<58} {acc:.3f} {counter.n_queries:5d} queries "
-                  f"{counter.n_images_scored:6d} images scored {rows[-1][5]:.1f}s", flush=True)
+                  f"{counter.n_pairs_scored:6d} images scored {rows[-1][5]:.1f}s", flush=True)
             print(f"    {learned}", flush=True)
     print(f"\n| method | door | held-out accuracy (mean over {len(args.seeds)} seeds) | per seed | queries "
           "| images scored (= HTTP calls at one image per call) |")

@@ -30,7 +30,18 @@ from .losses import cross_entropy, prompt_fitness
 from .prompt import PromptSearch
 from .refiner import ResidualRefiner, refine_logits
 
-__all__ = ["CollaborativeLoop", "FreshViews", "ViewPool", "Snapshot", "plan_generations", "stratified_holdout"]
+__all__ = [
+    "CollaborativeLoop",
+    "EmbeddingDoor",
+    "EmbeddingPrompts",
+    "FreshViews",
+    "Snapshot",
+    "TextDoor",
+    "TextPrompts",
+    "ViewPool",
+    "plan_generations",
+    "stratified_holdout",
+]
 
 
 class ViewPool:
@@ -89,11 +100,91 @@ class FreshViews:
         return augment_all(self.images, self.augmentation, rng)
 
 
+class EmbeddingDoor:
+    """The embedding-level door as the loop sees it: a prompt is an offset ``(n_ctx, dim)``."""
+
+    kind = "embedding"
+
+    def __init__(self, counter, class_names) -> None:
+        self.counter = counter
+        self.class_names = list(class_names)
+
+    def score(self, images, prompts, purpose: str) -> np.ndarray:
+        """Logits ``(P, N, C)`` of ``images`` under each prompt of ``prompts`` (``P`` queries)."""
+        return self.counter.logits(images, self.class_names, np.asarray(prompts), purpose=purpose)
+
+    def one(self, prompt) -> np.ndarray:
+        """``prompts`` holding the single ``prompt``."""
+        return np.asarray(prompt)[np.newaxis]
+
+
+class TextDoor:
+    """The text-level door as the loop sees it: a prompt is one string per class.
+
+    Scores are log-probabilities (log-softmax of logits when the model returns
+    them), so the refiner and the losses work the same on both doors.
+    """
+
+    kind = "text"
+
+    def __init__(self, counter) -> None:
+        self.counter = counter
+
+    def score(self, images, prompts, purpose: str) -> np.ndarray:
+        """Log-probabilities ``(P, N, C)`` of ``images`` under each prompt set (``P`` queries)."""
+        return self.counter.log_probabilities(images, [list(p) for p in prompts], purpose=purpose)
+
+    def one(self, prompt) -> list:
+        """``prompts`` holding the single ``prompt``."""
+        return [list(prompt)]
+
+
+class EmbeddingPrompts:
+    """:class:`~skcarrot.prompt.PromptSearch` with the loop's ask / tell / current."""
+
+    def __init__(self, search: PromptSearch) -> None:
+        self.search = search
+
+    def ask(self):
+        Z = self.search.ask()
+        return Z, self.search.offsets(Z)
+
+    def tell(self, handle, fitness) -> None:
+        self.search.tell(handle, fitness)
+
+    def current(self):
+        """``(prompt offset, z)`` of the current solution."""
+        z = self.search.current_x()
+        return self.search.offsets(z)[0], z
+
+
+class TextPrompts:
+    """:class:`~skcarrot.text_prompt.TextPromptSearch` with the loop's ask / tell / current."""
+
+    def __init__(self, search) -> None:
+        self.search = search
+
+    def ask(self):
+        choices = self.search.ask()
+        return choices, self.search.prompt_sets(choices)
+
+    def tell(self, handle, fitness) -> None:
+        self.search.tell(handle, fitness)
+
+    def current(self):
+        """``(prompt strings, choice indices)`` of the most probable prompt set."""
+        return self.search.current(), self.search.current_choice()
+
+
 @dataclass
 class Snapshot:
-    """A model the loop may end with: prompt, refiner weights and its validation score."""
+    """A model the loop may end with: prompt, refiner weights and its validation score.
 
-    offset: np.ndarray
+    ``prompt`` is an offset ``(n_ctx, dim)`` on the embedding door and one string
+    per class on the text door; ``z`` is the search's own coordinates of it.
+    """
+
+    prompt: Any
     z: np.ndarray | None
     refiner_weights: dict | None
     generation: int
@@ -167,14 +258,13 @@ class CollaborativeLoop:
 
     Parameters
     ----------
-    counter : QueryCounter
-        The door, with the fit's budget.
-    class_names : list of str
+    door : EmbeddingDoor or TextDoor
+        The black box behind its query counter, with the fit's budget.
     images : list of PIL.Image.Image
         Training images (without the validation shots).
     y : ndarray of int
         Class index of each training image.
-    search : PromptSearch or None
+    search : EmbeddingPrompts or TextPrompts or None
         The prompt generation module (None: the prompt never moves).
     refiner : ResidualRefiner or None
         The prediction refinement module (None: identity).
@@ -188,7 +278,10 @@ class CollaborativeLoop:
         The refiner's loss includes the consistency KL while the (global)
         generation index is below this.
     batch_size : int
-    offset, z : current prompt offset ``(n_ctx, dim)`` and intrinsic vector (or None).
+    prompt : ndarray or list of str
+        The current prompt: an offset ``(n_ctx, dim)`` or one string per class.
+    z : ndarray or None
+        The search's coordinates of the current prompt.
     generation : int
         Generations already run (by earlier warm-started fits).
     validation : tuple of (list, ndarray) or None
@@ -199,11 +292,10 @@ class CollaborativeLoop:
         Refiner weights the model keeps when the refiner is not trained.
     """
 
-    counter: Any
-    class_names: list
+    door: Any
     images: list
     y: np.ndarray
-    search: PromptSearch | None
+    search: Any
     refiner: ResidualRefiner | None
     optimizer: torch.optim.Optimizer | None
     views: ViewPool | FreshViews | None
@@ -211,7 +303,7 @@ class CollaborativeLoop:
     consistency_weight: float
     kl_until: float
     batch_size: int
-    offset: np.ndarray
+    prompt: Any
     z: np.ndarray | None
     generation: int = 0
     validation: tuple | None = None
@@ -219,25 +311,26 @@ class CollaborativeLoop:
     frozen_refiner_weights: dict | None = None
     best: Snapshot | None = None
     n_no_improvement: int = 0
-    _pool_logits: np.ndarray | None = field(default=None, repr=False)
+    _pool_scores: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.y_tensor = torch.as_tensor(self.y, dtype=torch.long)
 
+    @property
+    def counter(self):
+        """The query counter behind the door."""
+        return self.door.counter
+
     # ----------------------------------------------------------------- steps
     def prompt_step(self) -> dict:
         """Ask, score (``popsize`` queries), fitness with the refiner frozen, tell."""
-        Z = self.search.ask()
-        candidate_logits = torch.as_tensor(
-            self.counter.logits(self.images, self.class_names, self.search.offsets(Z), purpose="prompt"),
-            dtype=torch.float32,
-        )
+        handle, candidates = self.search.ask()
+        candidate_logits = torch.as_tensor(self.door.score(self.images, candidates, "prompt"), dtype=torch.float32)
         with torch.no_grad():
             refined = self.refiner(candidate_logits) if self.refiner is not None else None
             fitness = prompt_fitness(candidate_logits, refined, self.y_tensor, self.consistency_weight).numpy()
-        self.search.tell(Z, fitness)
-        self.z = self.search.current_x()
-        self.offset = self.search.offsets(self.z)[0]
+        self.search.tell(handle, fitness)
+        self.prompt, self.z = self.search.current()
         best = int(np.argmin(fitness))
         scored = refined if refined is not None else candidate_logits
         return {
@@ -251,21 +344,21 @@ class CollaborativeLoop:
         return self.generation < self.kl_until
 
     def epoch_logits(self) -> np.ndarray:
-        """Logits of this epoch's view of each training image under the current prompt.
+        """Scores of this epoch's view of each training image under the current prompt.
 
         One query, sending one view per image. When the prompt never moves and
         the views come from a fixed pool, a single query scores the whole pool
         once and every epoch reads from it.
         """
+        n_images = len(self.images)
         if self.search is None and self.views.fixed:
-            if self._pool_logits is None:
-                pool = self.counter.logits(self.views.all_views(), self.class_names, self.offset[np.newaxis],
-                                           purpose="refiner")[0]
-                self._pool_logits = pool.reshape(self.views.n_views, len(self.images), len(self.class_names))
-            pick = self.views.pick(self.rng, len(self.images))
-            return self._pool_logits[pick, np.arange(len(self.images))]
+            if self._pool_scores is None:
+                pool = self.door.score(self.views.all_views(), self.door.one(self.prompt), "refiner")[0]
+                self._pool_scores = pool.reshape(self.views.n_views, n_images, -1)
+            pick = self.views.pick(self.rng, n_images)
+            return self._pool_scores[pick, np.arange(n_images)]
         sent = self.views.epoch_views(self.rng)
-        return self.counter.logits(sent, self.class_names, self.offset[np.newaxis], purpose="refiner")[0]
+        return self.door.score(sent, self.door.one(self.prompt), "refiner")[0]
 
     def refiner_step(self) -> dict:
         """One refiner epoch on this epoch's views; training accuracy read off the same logits."""
@@ -285,13 +378,14 @@ class CollaborativeLoop:
     def current_snapshot(self) -> Snapshot:
         """The model as it stands now."""
         weights = self.refiner.get_weights() if self.refiner is not None else self.frozen_refiner_weights
-        z = None if self.z is None else np.asarray(self.z, dtype=np.float64).copy()
-        return Snapshot(np.asarray(self.offset, dtype=np.float32).copy(), z, weights, self.generation)
+        z = None if self.z is None else np.asarray(self.z).copy()
+        prompt = list(self.prompt) if self.door.kind == "text" else np.asarray(self.prompt, dtype=np.float32).copy()
+        return Snapshot(prompt, z, weights, self.generation)
 
     def score_on_validation(self, snapshot: Snapshot) -> Snapshot:
         """Score ``snapshot`` on the held-back shots (one query) and record its accuracy and loss."""
         images, y = self.validation
-        logits = self.counter.logits(images, self.class_names, snapshot.offset[np.newaxis], purpose="validation")[0]
+        logits = self.door.score(images, self.door.one(snapshot.prompt), "validation")[0]
         refined = refine_logits(logits, snapshot.refiner_weights)
         snapshot.accuracy = float(np.mean(refined.argmax(-1) == y))
         snapshot.loss = float(cross_entropy(torch.as_tensor(refined), torch.as_tensor(y, dtype=torch.long)))

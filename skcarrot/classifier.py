@@ -19,7 +19,18 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._loop import CollaborativeLoop, FreshViews, Snapshot, ViewPool, plan_generations, stratified_holdout
+from ._loop import (
+    CollaborativeLoop,
+    EmbeddingDoor,
+    EmbeddingPrompts,
+    FreshViews,
+    Snapshot,
+    TextDoor,
+    TextPrompts,
+    ViewPool,
+    plan_generations,
+    stratified_holdout,
+)
 from ._progress import progress_bar
 from ._validation import (
     ImageClassifierMixin,
@@ -31,6 +42,7 @@ from ._validation import (
     softmax,
 )
 from .backends import QueryCounter
+from .backends._base import context_shape_of
 from .backends.embedded import resolve_backend
 from .images import AUGMENTATIONS, flat_width, to_pil_images
 from .prompt import PromptSearch
@@ -41,6 +53,11 @@ __all__ = ["CarrotClassifier"]
 logger = logging.getLogger("skcarrot")
 
 _SEED_MAX = 2**31 - 1
+_TEMPLATE = "a photo of a {}."
+# What "auto" means on each door. On the text door every prompt set is scored image by
+# image on hosted endpoints, so the search is built to need a few hundred prompt sets.
+_AUTO_BUDGET = {"embedding": 8000, "text": 250}
+_AUTO_POPSIZE = {"embedding": 40, "text": 10}
 
 
 class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
@@ -53,26 +70,40 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     KL loss. Each generation spends ``popsize`` queries on candidate prompts and
     one query to score the training views under the new prompt for a refiner epoch.
 
+    The door the backend offers decides the mode. On the *embedding* door (the
+    paper's) prompts are offsets added to the context word embeddings. On the
+    *text* door, which hosted endpoints offer, prompts are strings: the prompt
+    generation module searches each class's wording with a policy gradient over
+    words (:class:`skcarrot.text_prompt.TextPromptSearch`), and the refiner and
+    the consistency loss work on log-probabilities.
+
     Parameters
     ----------
     backend : object or None, default=None
-        The black box: any object with ``context_shape`` and
-        ``logits(images, class_names, offsets)`` (see
-        :class:`skcarrot.backends.BlackBoxVLM`). None uses the embedded micro
-        CLIP shipped with skcarrot (:func:`skcarrot.backends.embedded_backend`);
+        The black box. An embedding-level door: any object with ``context_shape``
+        and ``logits(images, class_names, offsets)`` (see
+        :class:`skcarrot.backends.BlackBoxVLM`). A text-level door: any object
+        with ``returns`` and ``text_scores(images, prompts)`` (see
+        :class:`skcarrot.backends.TextBlackBox`), such as
+        :class:`~skcarrot.backends.OpenCLIPTextBackend` or
+        :class:`~skcarrot.backends.ZeroShotHTTPBackend`. None uses the embedded
+        micro CLIP shipped with skcarrot (:func:`skcarrot.backends.embedded_backend`);
         pass ``OpenCLIPBackend(model_name=..., pretrained=...)`` for a real model.
     class_names : mapping, sequence of str or None, default=None
         Names used in prompts. A mapping from label to name; a sequence indexed
         by the label when labels are integers ``0..len-1``, otherwise aligned
         with the sorted classes; None uses ``str(label)``.
-    query_budget : int, default=8000
-        Most queries ``fit`` may spend. A *query* is one prompt scored: the
-        black box scores the images of one call against every class under one
-        prompt offset. One call may carry many prompts (a CMA-ES generation is
+    query_budget : int or "auto", default="auto"
+        Most queries ``fit`` may spend; "auto" is 8000 on the embedding door
+        (the paper's) and 250 on the text door. A *query* is one prompt scored:
+        the black box scores the images of one call against every class under
+        one prompt (an offset, or a set of prompt strings). One call may carry many prompts (a CMA-ES generation is
         ``popsize`` queries in one call) and many images; the images sent are
         counted apart, in ``n_images_scored_``.
-    popsize : int, default=40
-        CMA-ES candidates per generation.
+    popsize : int or "auto", default="auto"
+        Candidate prompts per generation; "auto" is 40 on the embedding door
+        (CMA-ES) and 10 on the text door (prompt sets sampled by the policy
+        gradient).
     intrinsic_dim : int, default=512
         Dimension of the searched vector ``z``.
     sigma : float, default=1.0
@@ -108,6 +139,12 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         range (uint8 0-255, uint16 0-65535, floats in [0, 1] or 0-255) and
         raises when the range is ambiguous; see
         :func:`skcarrot.images.to_pil_images`.
+    vocabulary : sequence of str, int or None, default=None
+        Text door only: the words the prompt search may use for a class,
+        screened on the training shots before the search (one query, or one per
+        ``backend.max_labels`` words). None: every whole-word token of the
+        model's tokenizer (open_clip's, about 31,700 words; nothing is
+        downloaded); an int: a seeded random subset of that many of them.
     prompt_tuning : bool, default=True
         Train the prompt generation module (off: the hand-written prompt).
     refinement : bool, default=True
@@ -149,17 +186,26 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         Class labels.
     class_names_ : list of str
         The name of each class in prompts, in ``classes_`` order.
-    prompt_offset_ : ndarray of shape (n_ctx, dim)
-        Learned prompt offset ``A z`` (zeros: the hand-written prompt).
+    door_ : {"embedding", "text"}
+        The door the backend offered.
+    prompt_offset_ : ndarray of shape (n_ctx, dim) or None
+        Learned prompt offset ``A z`` (zeros: the hand-written prompt); None on
+        the text door.
     prompt_z_ : ndarray of shape (intrinsic_dim,) or None
         Learned intrinsic vector ``z``.
+    prompt_ : list of str or None
+        Text door: the learned prompt of each class, in ``classes_`` order,
+        readable by a person. None on the embedding door.
+    prompt_candidates_ : list of list of str or None
+        Text door: each class's own name then the words kept by screening.
     refiner_weights_ : dict of str to ndarray or None
         Weights of the refinement MLP (None when ``refinement=False``).
     n_queries_ : int
         Queries spent by the last call to ``fit``; never above ``query_budget``.
     n_queries_by_purpose_ : dict of str to int
-        The same split into ``"prompt"`` (candidate prompts), ``"refiner"``
-        (training views scored for the refiner) and ``"validation"``.
+        The same split into ``"screen"`` (text door: candidate words),
+        ``"prompt"`` (candidate prompts), ``"refiner"`` (training views scored
+        for the refiner) and ``"validation"``.
     n_images_scored_ : int
         Images sent to the black box by the last ``fit``, summed over calls:
         its cost in image forward passes. A generation sends the training
@@ -200,8 +246,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "backend": "no_validation",
         "class_names": [None, Mapping, list, tuple, np.ndarray],
-        "query_budget": [Interval(Integral, 0, None, closed="left")],
-        "popsize": [Interval(Integral, 2, None, closed="left")],
+        "query_budget": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
+        "popsize": [Interval(Integral, 2, None, closed="left"), StrOptions({"auto"})],
         "intrinsic_dim": [Interval(Integral, 1, None, closed="left")],
         "sigma": [Interval(Real, 0, None, closed="neither")],
         "bound": [None, Interval(Real, 0, None, closed="left")],
@@ -214,6 +260,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         "n_views": [Interval(Integral, 1, None, closed="left")],
         "augmentation": [StrOptions(set(AUGMENTATIONS)), callable],
         "image_range": [None, tuple, list],
+        "vocabulary": [None, Interval(Integral, 1, None, closed="left"), list, tuple, np.ndarray],
         "fresh_views": ["boolean"],
         "prompt_tuning": ["boolean"],
         "refinement": ["boolean"],
@@ -232,8 +279,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         *,
         backend=None,
         class_names=None,
-        query_budget=8000,
-        popsize=40,
+        query_budget="auto",
+        popsize="auto",
         intrinsic_dim=512,
         sigma=1.0,
         bound=5.0,
@@ -247,6 +294,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         augmentation="crop",
         fresh_views=False,
         image_range=None,
+        vocabulary=None,
         prompt_tuning=True,
         refinement=True,
         max_iter=None,
@@ -275,6 +323,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         self.augmentation = augmentation
         self.fresh_views = fresh_views
         self.image_range = image_range
+        self.vocabulary = vocabulary
         self.prompt_tuning = prompt_tuning
         self.refinement = refinement
         self.max_iter = max_iter
@@ -287,9 +336,6 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         self.warm_start = warm_start
 
     # ------------------------------------------------------------------ helpers
-    def _get_backend(self):
-        return check_backend(resolve_backend(self.backend))
-
     def _check_X(self, X) -> list:
         images = to_pil_images(X, self.image_range)
         width = flat_width(X)
@@ -300,14 +346,33 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             )
         return images
 
-    def _is_warm(self, classes: np.ndarray) -> bool:
+    def _is_warm(self, classes: np.ndarray, door: str) -> bool:
         warm = self.warm_start and hasattr(self, "classes_")
         if warm and (len(classes) != len(self.classes_) or np.any(classes != self.classes_)):
             raise ValueError(
                 f"warm_start can not change the classes: fitted with {list(self.classes_)}, "
                 f"got {list(classes)}"
             )
+        if warm and door != self.door_:
+            raise ValueError(f"warm_start can not change the door: fitted on the {self.door_} door, got {door}")
         return warm
+
+    def _door(self, backend) -> str:
+        """Which door ``backend`` offers: ``"embedding"`` (``logits``) or ``"text"`` (``text_scores``)."""
+        if hasattr(backend, "logits") or not hasattr(backend, "text_scores"):
+            check_backend(backend)
+            return "embedding"
+        if not callable(backend.text_scores):
+            raise TypeError(
+                f"backend {type(backend).__name__}: 'text_scores' must be a method text_scores(images, prompts)"
+            )
+        return "text"
+
+    def _resolved(self, door: str) -> tuple[int, int]:
+        """``(query_budget, popsize)`` with ``"auto"`` read for the door."""
+        budget = self.query_budget if self.query_budget != "auto" else _AUTO_BUDGET[door]
+        popsize = self.popsize if self.popsize != "auto" else _AUTO_POPSIZE[door]
+        return int(budget), int(popsize)
 
     # ---------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -330,41 +395,77 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         start_time = time.perf_counter()
         images, classes, y_idx = check_images_and_labels(X, y, self.image_range)
         names = resolve_class_names(self.class_names, classes)
-        warm = self._is_warm(classes)
+        backend = resolve_backend(self.backend)
+        door = self._door(backend)
+        warm = self._is_warm(classes, door)
+        budget, popsize = self._resolved(door)
+        rng = check_random_state(self.random_state)
+        # Every generator of the fit is seeded here, once; nothing later reads numpy's global state.
+        seeds = {name: int(rng.randint(1, _SEED_MAX)) for name in ("projection", "cma", "torch", "loop")}
+        search = self._prompt_search(backend, door, names, popsize, warm, seeds)
         use_validation = self.early_stopping and (self.prompt_tuning or self.refinement)
+        screening = 0
+        if door == "text" and search is not None and not search.search.screened_:
+            screening = search.search.n_screening_queries()
         n_generations, costs = plan_generations(
-            self.query_budget,
+            budget - screening,
             prompt_tuning=self.prompt_tuning,
             refinement=self.refinement,
-            popsize=self.popsize,
+            popsize=popsize,
             fresh_views=self.fresh_views,
             validation=use_validation,
             max_iter=self.max_iter,
         )
-        counter = QueryCounter(self._get_backend(), budget=self.query_budget)
-        loop, seeds = self._initial_state(counter, images, y_idx, names, warm, use_validation, n_generations)
-        planned = costs["start"] + n_generations * costs["generation"]
+        loop = self._initial_state(backend, door, search, budget, images, y_idx, names, warm, use_validation,
+                                   n_generations, seeds)
+        planned = screening + costs["start"] + n_generations * costs["generation"]
         history = self._run(loop, n_generations, planned, list(self.history_) if warm else [],
                             self.history_[-1]["queries"] if warm and self.history_ else 0)
-        self._store(loop, counter, classes, names, history, seeds, X)
+        self._store(loop, door, classes, names, history, seeds, X)
         self.fit_time_ = time.perf_counter() - start_time
         return self
 
-    def _initial_state(self, counter, images, y_idx, names, warm, use_validation, n_generations):
-        """Every warm-start rule in one place: the loop's state at generation 0 of this call."""
-        context_shape = counter.context_shape
-        if warm and tuple(self.prompt_offset_.shape) != context_shape:
-            raise ValueError("warm_start can not change the backend's context shape")
-        rng = check_random_state(self.random_state)
-        # Every generator of the fit is seeded here, once; nothing later reads numpy's global state.
-        seeds = {
-            "projection": int(rng.randint(1, _SEED_MAX)),
-            "cma": int(rng.randint(1, _SEED_MAX)),
-            "torch": int(rng.randint(1, _SEED_MAX)),
-            "loop": int(rng.randint(1, _SEED_MAX)),
-        }
-        if warm and self.prompt_z_ is not None:
+    def _prompt_search(self, backend, door, names, popsize, warm, seeds):
+        """The prompt generation module of this door, started where a warm start says."""
+        if not self.prompt_tuning:
+            return None
+        if door == "text":
+            from .text_prompt import TextPromptSearch
+
+            template = getattr(backend, "template", None) or _TEMPLATE
+            candidates = self.prompt_candidates_ if warm and self.prompt_candidates_ is not None else None
+            vocabulary, n_words = self.vocabulary, None
+            if isinstance(vocabulary, Integral):
+                vocabulary, n_words = None, int(vocabulary)
+            search = TextPromptSearch(names, templates=(template,), candidates=candidates, popsize=popsize,
+                                      vocabulary=vocabulary, n_words=n_words,
+                                      strings_per_query=getattr(backend, "max_labels", None),
+                                      random_state=np.random.RandomState(seeds["cma"]))
+            if candidates is not None and self._text_logits is not None:
+                for theta, old in zip(search.logits_, self._text_logits):
+                    theta[:] = old
+            return TextPrompts(search)
+        context_shape = context_shape_of(backend)
+        x0 = None
+        if warm and self.prompt_z_ is not None and len(self.prompt_z_) == self.intrinsic_dim:
+            x0 = self.prompt_z_
             seeds["projection"] = self._projection_seed  # the same A, so the old z keeps its meaning
+        return EmbeddingPrompts(PromptSearch(
+            context_shape, self.intrinsic_dim, self.projection_std, self.sigma, popsize, self.bound,
+            projection_seed=seeds["projection"], cma_seed=seeds["cma"], x0=x0,
+        ))
+
+    def _initial_state(self, backend, door, search, budget, images, y_idx, names, warm, use_validation,
+                       n_generations, seeds):
+        """Every warm-start rule in one place: the loop's state at generation 0 of this call."""
+        if door == "text":
+            from .backends.text import TextQueryCounter
+
+            gate = TextDoor(TextQueryCounter(backend, budget=budget))
+        else:
+            gate = EmbeddingDoor(QueryCounter(backend, budget=budget), names)
+            if warm and tuple(self.prompt_offset_.shape) != gate.counter.context_shape:
+                raise ValueError("warm_start can not change the backend's context shape")
         loop_rng = np.random.RandomState(seeds["loop"])
 
         validation = None
@@ -372,16 +473,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             train, held = stratified_holdout(y_idx, self.validation_fraction, loop_rng)
             validation = ([images[i] for i in held], y_idx[held])
             images, y_idx = [images[i] for i in train], y_idx[train]
-
-        search = None
-        if self.prompt_tuning:
-            x0 = None
-            if warm and self.prompt_z_ is not None and len(self.prompt_z_) == self.intrinsic_dim:
-                x0 = self.prompt_z_
-            search = PromptSearch(
-                context_shape, self.intrinsic_dim, self.projection_std, self.sigma, self.popsize, self.bound,
-                projection_seed=seeds["projection"], cma_seed=seeds["cma"], x0=x0,
-            )
+        if door == "text" and search is not None and not search.search.screened_:
+            search.search.screen(gate.counter, images, y_idx)
 
         refiner = optimizer = views = None
         if self.refinement:
@@ -396,21 +489,21 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
                 views = ViewPool(images, self.n_views, self.augmentation, loop_rng)
 
         if warm:
-            offset, z = np.asarray(self.prompt_offset_, dtype=np.float32), self.prompt_z_
+            prompt, z = self._fitted_prompt(), self.prompt_z_
             generation0, kl_until = self.n_iter_, self._kl_until
         else:
-            offset, z = np.zeros(context_shape, dtype=np.float32), None
+            prompt, z = self._zero_shot_prompt(backend, door, names), None
             # The consistency KL is on for the first fraction of the first fit's generations;
             # warm-started calls continue that schedule instead of restarting it.
             generation0 = 0
             kl_until = np.inf if self.consistency_fraction >= 1 else self.consistency_fraction * n_generations
         if search is not None and z is None:
-            z = search.current_x()
+            prompt, z = search.current()
 
         loop = CollaborativeLoop(
-            counter=counter, class_names=names, images=images, y=y_idx, search=search, refiner=refiner,
+            door=gate, images=images, y=y_idx, search=search, refiner=refiner,
             optimizer=optimizer, views=views, rng=loop_rng, consistency_weight=self.consistency_weight,
-            kl_until=kl_until, batch_size=self.batch_size, offset=offset, z=z, generation=generation0,
+            kl_until=kl_until, batch_size=self.batch_size, prompt=prompt, z=z, generation=generation0,
             validation=validation, tol=self.tol,
             # A warm start without refinement keeps the refiner it has.
             frozen_refiner_weights=self.refiner_weights_ if warm and refiner is None else None,
@@ -418,10 +511,21 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         if validation is not None:
             # The model the fit starts from is a candidate too: zero-shot (hand-written prompt,
             # identity refiner) on a fresh fit, the previous model on a warm start.
-            start = Snapshot(offset.copy(), None if not warm else self.prompt_z_,
-                             self.refiner_weights_ if warm else None, generation0)
+            start = Snapshot(prompt, z, self.refiner_weights_ if warm else None, generation0)
             loop.offer(loop.score_on_validation(start))
-        return loop, seeds
+        return loop
+
+    @staticmethod
+    def _zero_shot_prompt(backend, door, names):
+        if door == "text":
+            template = getattr(backend, "template", None) or _TEMPLATE
+            return [template.format(name) for name in names]
+        return np.zeros(context_shape_of(backend), dtype=np.float32)
+
+    def _fitted_prompt(self):
+        if self.prompt_offset_ is None:
+            return list(self.prompt_)
+        return np.asarray(self.prompt_offset_, dtype=np.float32)
 
     def _run(self, loop: CollaborativeLoop, n_generations: int, planned: int, history: list, base_queries: int) -> list:
         """Run generations, reporting each; stop early when validation stops improving."""
@@ -461,20 +565,34 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             print(line)
         logger.debug(line)
 
-    def _store(self, loop: CollaborativeLoop, counter, classes, names, history, seeds, X) -> None:
+    def _store(self, loop: CollaborativeLoop, door, classes, names, history, seeds, X) -> None:
         """Write every fitted attribute, and only here: a fit that fails leaves the old model intact."""
         result = loop.result()
+        counter = loop.counter
         self.classes_ = classes
         self.class_names_ = names
-        self.prompt_offset_ = np.asarray(result.offset, dtype=np.float32).copy()
-        self.prompt_z_ = None if result.z is None else np.asarray(result.z, dtype=np.float64)
-        self._projection_seed = seeds["projection"] if result.z is not None else None
+        self.door_ = door
+        if door == "text":
+            self.prompt_ = list(result.prompt)
+            self.prompt_offset_ = None
+            self.prompt_z_ = None
+            self._projection_seed = None
+            search = loop.search.search if loop.search is not None else None
+            self.prompt_candidates_ = None if search is None else [list(c) for c in search.candidates_]
+            self._text_logits = None if search is None else [theta.copy() for theta in search.logits_]
+        else:
+            self.prompt_ = None
+            self.prompt_offset_ = np.asarray(result.prompt, dtype=np.float32).copy()
+            self.prompt_z_ = None if result.z is None else np.asarray(result.z, dtype=np.float64)
+            self._projection_seed = seeds["projection"] if result.z is not None else None
+            self.prompt_candidates_ = None
+            self._text_logits = None
         self.refiner_weights_ = result.refiner_weights
         self.best_generation_ = result.generation
         self.validation_score_ = None if loop.best is None else loop.best.accuracy
         self.n_queries_ = counter.n_queries
         self.n_queries_by_purpose_ = {
-            purpose: counter.by_purpose.get(purpose, 0) for purpose in ("prompt", "refiner", "validation")
+            purpose: counter.by_purpose.get(purpose, 0) for purpose in ("screen", "prompt", "refiner", "validation")
         }
         self.n_images_scored_ = counter.n_images_scored
         self.history_ = history
@@ -509,11 +627,17 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
 
     def _refined_logits(self, X) -> np.ndarray:
         images = self._check_X(X)
-        backend = self._get_backend()
+        backend = resolve_backend(self.backend)
+        expected = (1, len(images), len(self.classes_))
+        if self.door_ == "text":
+            from .backends.text import check_text_scores, log_probabilities, returns_of
+
+            returns = returns_of(backend)
+            scores = check_text_scores(backend.text_scores(images, [list(self.prompt_)]), expected, returns)
+            return refine_logits(log_probabilities(scores, returns)[0], self.refiner_weights_)
+        check_backend(backend)
         offsets = check_offsets(self.prompt_offset_[np.newaxis], self.prompt_offset_.shape)
-        logits = check_logits(
-            backend.logits(images, self.class_names_, offsets), (1, len(images), len(self.classes_)), backend
-        )
+        logits = check_logits(backend.logits(images, self.class_names_, offsets), expected, backend)
         return refine_logits(logits[0], self.refiner_weights_)
 
     def predict_proba(self, X: Any) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 from helpers import FAST, StrictBackend, scored
 
 from skcarrot import CarrotClassifier, ToyBackend
-from skcarrot._loop import CollaborativeLoop, FreshViews, ViewPool, plan_generations
+from skcarrot._loop import CollaborativeLoop, EmbeddingDoor, EmbeddingPrompts, FreshViews, ViewPool, plan_generations
 from skcarrot.backends import QueryCounter
 from skcarrot.images import to_pil_images
 from skcarrot.losses import consistency_kl, prompt_fitness, refiner_loss
@@ -30,9 +30,10 @@ def make_loop(digits, *, prompt=True, refine=True, fresh=False, budget=None):
         optimizer = torch.optim.Adam(refiner.parameters(), lr=1e-2)
         views = FreshViews(images, "crop") if fresh else ViewPool(images, 3, "crop", rng)
     return CollaborativeLoop(
-        counter=counter, class_names=names, images=images, y=np.asarray(ytr), search=search, refiner=refiner,
+        door=EmbeddingDoor(counter, names), images=images, y=np.asarray(ytr),
+        search=EmbeddingPrompts(search) if prompt else None, refiner=refiner,
         optimizer=optimizer, views=views, rng=rng, consistency_weight=0.1, kl_until=2, batch_size=16,
-        offset=np.zeros(backend.context_shape, np.float32), z=None,
+        prompt=np.zeros(backend.context_shape, np.float32), z=None,
     )
 
 
@@ -46,14 +47,14 @@ def test_a_generation_spends_popsize_plus_one_queries_and_sends_each_image_twice
     assert loop.counter.images_by_purpose == {"prompt": n, "refiner": n}
     assert loop.counter.n_images_scored == 2 * n
     assert np.isfinite(record["best_fitness"]) and np.isfinite(record["refiner_loss"])
-    assert not np.allclose(loop.offset, 0.0)  # the prompt moved
+    assert not np.allclose(loop.prompt, 0.0)  # the prompt moved
 
 
 def test_prompt_step_asks_scores_and_tells(digits):
     loop = make_loop(digits, refine=False)
-    before = loop.search.es.countiter
+    before = loop.search.search.es.countiter
     out = loop.prompt_step()
-    assert loop.search.es.countiter == before + 1
+    assert loop.search.search.es.countiter == before + 1
     assert loop.counter.n_queries == 6
     assert set(out) == {"best_fitness", "mean_fitness", "train_accuracy"}
     assert out["best_fitness"] <= out["mean_fitness"]

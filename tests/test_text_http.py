@@ -177,5 +177,5 @@ def test_end_to_end_search_through_the_endpoint_stays_within_budget(digits, monk
         run_text_prompt_search(counter, train, y_train, search)
     assert search.n_screening_queries() == 2
     assert counter.n_queries == 2 + 2 * 4 <= 13  # two screening queries, then two steps of four
-    assert server.calls == counter.n_images_scored == counter.n_queries * len(train)
+    assert server.calls == counter.n_pairs_scored == counter.n_queries * len(train)
     assert len(search.current()) == 3 and all(p.startswith("a photo of a ") for p in search.current())

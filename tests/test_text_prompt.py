@@ -135,7 +135,7 @@ def test_screening_on_probabilities_in_chunks_matches_logits_in_one_query(split,
     assert one_counter.n_queries == 1
     assert chunked_counter.n_queries == chunked.n_screening_queries() == 8 == len(door.sent)  # ceil(300 / 40)
     assert chunked.candidates_ == one.candidates_
-    assert chunked_counter.n_images_scored == 8 * len(train)
+    assert chunked_counter.n_pairs_scored == 8 * len(train)
 
 
 def test_screening_keeps_each_word_for_one_class_and_the_own_name_first(split, words):

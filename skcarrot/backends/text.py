@@ -251,10 +251,14 @@ class TextQueryCounter:
         Queries spent so far: prompt sets scored. A prompt set with more strings
         than classes (as in screening candidate names) is still one query.
     n_images_scored : int
+        Images sent so far, summed over calls (as :class:`skcarrot.backends.QueryCounter`
+        counts them): a model that encodes each image once per call does that many
+        image forward passes.
+    n_pairs_scored : int
         Image x prompt set pairs scored so far: the number of calls a
         one-image-per-call HTTP endpoint receives.
     by_purpose, images_by_purpose : dict of str to int
-        Both counts, split by the ``purpose`` given to each call.
+        Queries and images scored, split by the ``purpose`` given to each call.
 
     Examples
     --------
@@ -267,8 +271,8 @@ class TextQueryCounter:
     >>> counter = TextQueryCounter(Uniform(), budget=3)
     >>> counter.text_scores(["img"] * 4, [["a cat.", "a dog."]] * 2, purpose="prompt").shape
     (2, 4, 2)
-    >>> counter.n_queries, counter.n_images_scored, counter.remaining
-    (2, 8, 1)
+    >>> counter.n_queries, counter.n_images_scored, counter.n_pairs_scored, counter.remaining
+    (2, 4, 8, 1)
     """
 
     def __init__(self, backend: Any, budget: int | None = None) -> None:
@@ -277,6 +281,7 @@ class TextQueryCounter:
         self.returns = returns_of(backend)
         self.n_queries = 0
         self.n_images_scored = 0
+        self.n_pairs_scored = 0
         self.by_purpose: dict[str, int] = {}
         self.images_by_purpose: dict[str, int] = {}
 
@@ -326,9 +331,10 @@ class TextQueryCounter:
         finally:
             # Count what was sent, whatever came back: the model did (some of) the work.
             self.n_queries += n_sets
-            self.n_images_scored += n_sets * len(images)
+            self.n_images_scored += len(images)
+            self.n_pairs_scored += n_sets * len(images)
             self.by_purpose[purpose] = self.by_purpose.get(purpose, 0) + n_sets
-            self.images_by_purpose[purpose] = self.images_by_purpose.get(purpose, 0) + n_sets * len(images)
+            self.images_by_purpose[purpose] = self.images_by_purpose.get(purpose, 0) + len(images)
         return check_text_scores(out, (n_sets, len(images), len(sets[0])), self.returns)
 
     def log_probabilities(
@@ -553,6 +559,10 @@ class ZeroShotHTTPBackend(BaseEstimator):
         Largest backoff ceiling in seconds.
     store_token : bool, default=False
         Keep an explicit ``token`` in pickles.
+    max_labels : int or None, default=256
+        Most candidate labels the endpoint accepts in one call (hosted endpoints
+        cap them); :class:`~skcarrot.CarrotClassifier` screens candidate words
+        in chunks of this size. None: no cap.
 
     Attributes
     ----------
@@ -590,6 +600,7 @@ class ZeroShotHTTPBackend(BaseEstimator):
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         store_token: bool = False,
+        max_labels: int | None = 256,
     ) -> None:
         self.url = url
         self.token = token
@@ -600,6 +611,7 @@ class ZeroShotHTTPBackend(BaseEstimator):
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.store_token = store_token
+        self.max_labels = max_labels
 
     # -- what never travels: the token (unless asked), the connection pool, the lock ------------
     def __getstate__(self):
