@@ -179,3 +179,28 @@ def test_end_to_end_search_through_the_endpoint_stays_within_budget(digits, monk
     assert counter.n_queries == 2 + 2 * 4 <= 13  # two screening queries, then two steps of four
     assert server.calls == counter.n_pairs_scored == counter.n_queries * len(train)
     assert len(search.current()) == 3 and all(p.startswith("a photo of a ") for p in search.current())
+
+
+def test_carrot_classifier_fits_end_to_end_through_the_endpoint(digits, monkeypatch):
+    from skcarrot import CarrotClassifier
+
+    images, y = digits
+    keep = y < 3
+    train, y_train = [img for img, k in zip(images, keep) if k], y[keep]
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with ZeroShotServer() as server:
+        door = ZeroShotHTTPBackend(server.url, max_concurrency=8, max_labels=6)
+        clf = CarrotClassifier(backend=door, class_names=list(DIGIT_WORDS[:3]), query_budget=16, popsize=4,
+                               vocabulary=["circle", "stick", "swan", "snake", "egg", "hook"], random_state=0)
+        clf.fit(train, y_train)
+        fit_calls = server.calls
+        proba = clf.predict_proba(train)
+    assert clf.door_ == "text" and clf.n_queries_ <= 16
+    # screening: 6 words in chunks of 3 next to the 3 classes' own prompts = 2 queries
+    assert clf.n_queries_by_purpose_["screen"] == 2
+    # one image and one prompt set per call: fit calls = sum over queries of the images each scored
+    per_query = {"screen": len(train), "prompt": len(train), "refiner": len(train), "validation": 0}
+    assert fit_calls == sum(n * per_query[k] for k, n in clf.n_queries_by_purpose_.items())
+    assert server.calls == fit_calls + len(train)  # predict: one prompt set, one call per image
+    assert proba.shape == (len(train), 3) and np.allclose(proba.sum(1), 1.0)
+    assert all(p.startswith("a photo of a ") for p in clf.prompt_)
