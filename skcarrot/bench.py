@@ -84,7 +84,7 @@ def make_estimator(method: str, dataset: str, n_shots: int, seed: int, backend: 
         return CarrotClassifier(backend=backend, class_names=classnames, prompt_tuning=prompt, refinement=refine,
                                 random_state=seed, **params)
     # The official augmentation (random resized crop + flip) on the natural-image datasets; none on
-    # the 8x8 and 28x28 offline sets, where crops cost 4-7x the fit time and lose accuracy
+    # the 8x8 and 28x28 offline sets, where crops cost 2.5-5.5x the fit time and lose accuracy
     # (docs/benchmarks.md, "White-box baselines, retrained").
     augmentation = "none" if dataset in _TINY_IMAGE_DATASETS else "crop+flip"
     if method == "coop":
