@@ -422,6 +422,41 @@ class CollaborativeLoop:
         """The model the fit ends with: the best on validation when there is one, else the last."""
         return self.best if self.best is not None else self.current_snapshot()
 
+    def should_stop(self, n_iter_no_change: int) -> bool:
+        """Early stopping: validation has not improved for ``n_iter_no_change`` generations."""
+        return self.validation is not None and self.n_no_improvement >= n_iter_no_change
+
+    # ------------------------------------------------------------ checkpoints
+    _COUNTS = ("n_queries", "n_images_scored", "n_pairs_scored", "by_purpose", "images_by_purpose")
+    _PLAIN = ("images", "y", "search", "views", "prompt", "z", "generation", "validation", "best",
+              "n_no_improvement", "_pool_scores", "kl_until", "frozen_refiner_weights")
+
+    def state(self) -> dict:
+        """Everything the next generation depends on, for a checkpoint (the door excepted)."""
+        state = {name: getattr(self, name) for name in self._PLAIN}
+        state["rng"] = self.rng.get_state()
+        state["refiner"] = None if self.refiner is None else self.refiner.state_dict()
+        state["optimizer"] = None if self.optimizer is None else self.optimizer.state_dict()
+        state["counts"] = {
+            name: (dict(v) if isinstance(v, dict) else v)
+            for name in self._COUNTS
+            if (v := getattr(self.counter, name, None)) is not None
+        }
+        return state
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state`: the same trajectory as the fit that wrote it."""
+        for name in self._PLAIN:
+            setattr(self, name, state[name])
+        self.y_tensor = torch.as_tensor(self.y, dtype=torch.long)
+        self.rng.set_state(state["rng"])
+        if self.refiner is not None:
+            self.refiner.load_state_dict(state["refiner"])
+            self.refiner.eval()
+            self.optimizer.load_state_dict(state["optimizer"])
+        for name, value in state["counts"].items():
+            setattr(self.counter, name, dict(value) if isinstance(value, dict) else value)
+
 
 def stratified_holdout(
     y: np.ndarray, fraction: float, rng: np.random.RandomState

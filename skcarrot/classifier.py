@@ -7,6 +7,7 @@ Everything the estimator learns comes through one door, a black-box model's
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from numbers import Integral, Real
@@ -19,6 +20,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from ._checkpoint import fingerprint, read_checkpoint, write_checkpoint
 from ._loop import (
     CollaborativeLoop,
     EmbeddingDoor,
@@ -167,6 +169,18 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     tol : float, default=1e-4
         At equal validation accuracy, the least drop of validation loss that
         counts as an improvement.
+    checkpoint : str, path or None, default=None
+        File where ``fit`` saves its state (prompt search, refiner and
+        optimizer, random generators, history, query counts) every
+        ``checkpoint_every`` generations and at the end, replacing it
+        atomically. When the file exists as ``fit`` starts, the fit resumes
+        from it, on the same trajectory: a fit interrupted (a lost network, a
+        killed process) and resumed ends with the same model, and the same
+        ``n_queries_``, as one that never stopped. A checkpoint written by a
+        fit with other images, labels or parameters is refused. The file is a
+        pickle: load only checkpoints you wrote.
+    checkpoint_every : int, default=10
+        Generations between checkpoints.
     random_state : int, RandomState instance or None, default=None
         Seeds the projection, CMA-ES, augmentation, the validation split and
         the refiner. Every generator is made from it at the start of ``fit``;
@@ -269,6 +283,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
+        "checkpoint": [None, str, os.PathLike],
+        "checkpoint_every": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
@@ -302,6 +318,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         validation_fraction=0.1,
         n_iter_no_change=20,
         tol=1e-4,
+        checkpoint=None,
+        checkpoint_every=10,
         random_state=None,
         verbose=0,
         warm_start=False,
@@ -331,6 +349,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
@@ -399,6 +419,26 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         door = self._door(backend)
         warm = self._is_warm(classes, door)
         budget, popsize = self._resolved(door)
+        saved = None
+        if self.checkpoint is not None:
+            skip = {"backend", "verbose", "checkpoint", "checkpoint_every", "warm_start"}
+            params = {k: v for k, v in self.get_params(deep=False).items() if k not in skip}
+            params["warm_from"] = self.n_iter_ if warm else None
+            run_id = fingerprint(images, y_idx, params)
+            saved = read_checkpoint(self.checkpoint, run_id)
+        if saved is None:
+            loop, run = self._start(backend, door, budget, popsize, images, y_idx, names, warm)
+        else:
+            loop, run = self._resume(backend, door, budget, names, saved)
+        if self.checkpoint is not None:
+            run["fingerprint"] = run_id
+        self._run(loop, run)
+        self._store(loop, door, classes, names, run["history"], run["seeds"], X)
+        self.fit_time_ = time.perf_counter() - start_time
+        return self
+
+    def _start(self, backend, door, budget, popsize, images, y_idx, names, warm):
+        """A new run: seeds, prompt search, plan and the loop's initial state."""
         rng = check_random_state(self.random_state)
         # Every generator of the fit is seeded here, once; nothing later reads numpy's global state.
         seeds = {name: int(rng.randint(1, _SEED_MAX)) for name in ("projection", "cma", "torch", "loop")}
@@ -418,12 +458,35 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         )
         loop = self._initial_state(backend, door, search, budget, images, y_idx, names, warm, use_validation,
                                    n_generations, seeds)
-        planned = screening + costs["start"] + n_generations * costs["generation"]
-        history = self._run(loop, n_generations, planned, list(self.history_) if warm else [],
-                            self.history_[-1]["queries"] if warm and self.history_ else 0)
-        self._store(loop, door, classes, names, history, seeds, X)
-        self.fit_time_ = time.perf_counter() - start_time
-        return self
+        run = {
+            "seeds": seeds,
+            "n_generations": n_generations,
+            "planned": screening + costs["start"] + n_generations * costs["generation"],
+            "generation0": loop.generation,
+            "history": list(self.history_) if warm else [],
+            "base_queries": self.history_[-1]["queries"] if warm and self.history_ else 0,
+        }
+        return loop, run
+
+    def _resume(self, backend, door, budget, names, saved):
+        """The run a checkpoint describes, its loop restored to the generation it was written at."""
+        if door == "text":
+            from .backends.text import TextQueryCounter
+
+            gate = TextDoor(TextQueryCounter(backend, budget=budget))
+        else:
+            gate = EmbeddingDoor(QueryCounter(backend, budget=budget), names)
+        refiner = optimizer = None
+        if self.refinement:
+            refiner = ResidualRefiner(len(names), self.hidden_dim, torch.Generator())
+            optimizer = torch.optim.Adam(refiner.parameters(), lr=self.learning_rate)
+        loop = CollaborativeLoop(
+            door=gate, images=[], y=np.zeros(0, dtype=int), search=None, refiner=refiner, optimizer=optimizer,
+            views=None, rng=np.random.RandomState(), consistency_weight=self.consistency_weight, kl_until=0.0,
+            batch_size=self.batch_size, prompt=None, z=None,
+        )
+        loop.restore(saved["loop"])
+        return loop, saved["run"]
 
     def _prompt_search(self, backend, door, names, popsize, warm, seeds):
         """The prompt generation module of this door, started where a warm start says."""
@@ -527,29 +590,36 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             return list(self.prompt_)
         return np.asarray(self.prompt_offset_, dtype=np.float32)
 
-    def _run(self, loop: CollaborativeLoop, n_generations: int, planned: int, history: list, base_queries: int) -> list:
-        """Run generations, reporting each; stop early when validation stops improving."""
+    def _run(self, loop: CollaborativeLoop, run: dict) -> None:
+        """Run the planned generations, reporting each; stop early when validation stops improving."""
         # The bar counts queries; without prompt search it counts epochs.
         by_query = bool(self.prompt_tuning)
+        done = loop.generation - run["generation0"]
         bar = progress_bar(
-            planned if by_query else n_generations,
+            run["planned"] if by_query else run["n_generations"],
             "query" if by_query else "epoch",
             enabled=bool(self.verbose),
             desc="CarrotClassifier.fit",
         )
+        bar.update(loop.counter.n_queries if by_query else done)
         try:
-            for _ in range(n_generations):
+            while done < run["n_generations"] and not loop.should_stop(self.n_iter_no_change):
                 record = loop.generation_step()
-                record["queries"] += base_queries
-                history.append(record)
+                record["queries"] += run["base_queries"]
+                run["history"].append(record)
+                done += 1
                 self._report(record, bar, by_query, loop)
-                if loop.validation is not None and loop.n_no_improvement >= self.n_iter_no_change:
-                    if self.verbose:
-                        print(f"Validation score did not improve for {self.n_iter_no_change} generations; stopping.")
-                    break
+                if self.checkpoint is not None and done % self.checkpoint_every == 0:
+                    self._save(run, loop)
+            if loop.should_stop(self.n_iter_no_change) and self.verbose:
+                print(f"Validation score did not improve for {self.n_iter_no_change} generations; stopped.")
+            if self.checkpoint is not None:
+                self._save(run, loop)
         finally:
             bar.close()
-        return history
+
+    def _save(self, run: dict, loop: CollaborativeLoop) -> None:
+        write_checkpoint(self.checkpoint, {"fingerprint": run["fingerprint"], "run": run, "loop": loop.state()})
 
     def _report(self, record: dict, bar, by_query: bool, loop: CollaborativeLoop) -> None:
         """Progress bar, verbose line and log record of one generation, together."""

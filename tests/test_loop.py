@@ -262,3 +262,44 @@ def test_a_fit_that_only_hurts_falls_back_to_zero_shot(digits):
     saved = CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, early_stopping=True, **params).fit(Xtr, ytr)
     assert saved.best_generation_ == 0 and saved.refiner_weights_ is None
     np.testing.assert_allclose(saved.predict_proba(Xte), zero_shot.predict_proba(Xte))
+
+
+# ------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("params", [
+    dict(),
+    dict(early_stopping=True, fresh_views=True, n_iter_no_change=50),
+    dict(prompt_tuning=False, fresh_views=True),
+])
+def test_an_interrupted_fit_resumes_on_the_same_trajectory(digits, tmp_path, params):
+    Xtr, ytr, Xte, _ = digits
+    params = dict(FAST, **params)
+    reference = CarrotClassifier(backend=ToyBackend(), **params).fit(Xtr, ytr)
+    path = tmp_path / "fit.ckpt"
+    clf = CarrotClassifier(backend=FailingBackend(fail_at=9), checkpoint=str(path), checkpoint_every=2, **params)
+    with pytest.raises(ConnectionError):
+        clf.fit(Xtr, ytr)
+    assert path.exists() and not hasattr(clf, "classes_")
+    clf.set_params(backend=ToyBackend())
+    clf.fit(Xtr, ytr)
+    np.testing.assert_array_equal(clf.predict_proba(Xte), reference.predict_proba(Xte))
+    assert clf.n_queries_ == reference.n_queries_ and clf.n_images_scored_ == reference.n_images_scored_
+    assert clf.n_queries_by_purpose_ == reference.n_queries_by_purpose_
+    assert [h["queries"] for h in clf.history_] == [h["queries"] for h in reference.history_]
+    # a finished checkpoint resumes to the same model without a single query
+    box = StrictBackend()
+    again = CarrotClassifier(backend=box, checkpoint=str(path), checkpoint_every=2, **params).fit(Xtr, ytr)
+    assert scored(box) == 0
+    np.testing.assert_array_equal(again.predict_proba(Xte), reference.predict_proba(Xte))
+
+
+def test_a_checkpoint_of_another_fit_is_refused(digits, tmp_path):
+    Xtr, ytr, _, _ = digits
+    path = tmp_path / "fit.ckpt"
+    CarrotClassifier(backend=ToyBackend(), checkpoint=path, max_iter=2, **FAST).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="written by a fit with other images, labels or parameters"):
+        CarrotClassifier(backend=ToyBackend(), checkpoint=path, max_iter=2, **dict(FAST, popsize=6)).fit(Xtr, ytr)
+    with pytest.raises(ValueError, match="written by a fit with other images"):
+        CarrotClassifier(backend=ToyBackend(), checkpoint=path, max_iter=2, **FAST).fit(Xtr[::-1], ytr[::-1])
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="can not be read"):
+        CarrotClassifier(backend=ToyBackend(), checkpoint=path, **FAST).fit(Xtr, ytr)
