@@ -192,9 +192,12 @@ class Snapshot:
     loss: float = np.inf
 
     def beats(self, other: "Snapshot", tol: float) -> bool:
-        """Higher validation accuracy; at equal accuracy, a loss lower by more than ``tol``."""
-        if self.accuracy != other.accuracy:
-            return self.accuracy > other.accuracy
+        """A validation loss lower by more than ``tol``.
+
+        The loss, not the accuracy: on a few held-back shots per class one image
+        more or less moves the accuracy by whole points, while the cross-entropy
+        of the refined predictions measures every image.
+        """
         return self.loss < other.loss - tol
 
 
@@ -287,7 +290,7 @@ class CollaborativeLoop:
     validation : tuple of (list, ndarray) or None
         Held-back images and class indices for early stopping.
     tol : float
-        Least loss improvement that counts at equal validation accuracy.
+        Least drop of validation loss that counts as an improvement.
     frozen_refiner_weights : dict or None
         Refiner weights the model keeps when the refiner is not trained.
     """

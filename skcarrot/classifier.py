@@ -158,17 +158,17 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         same budget would run, ``query_budget // (popsize + 1)``.
     early_stopping : bool, default=False
         Hold back ``validation_fraction`` of the shots of each class (at least
-        one) and keep the model that scores best on them, the starting model
-        (zero-shot: hand-written prompt, identity refiner) included; stop when
-        the validation score has not improved for ``n_iter_no_change``
-        generations. Costs one query per generation plus one for the start.
+        one) and keep the model with the lowest cross-entropy on them, the
+        starting model (zero-shot: hand-written prompt, identity refiner)
+        included; stop when the validation loss has not improved for
+        ``n_iter_no_change`` generations. Costs one query per generation plus
+        one for the start.
     validation_fraction : float, default=0.1
         Fraction of each class's shots held back when ``early_stopping``.
     n_iter_no_change : int, default=20
         Generations without improvement before stopping.
     tol : float, default=1e-4
-        At equal validation accuracy, the least drop of validation loss that
-        counts as an improvement.
+        The least drop of validation loss that counts as an improvement.
     checkpoint : str, path or None, default=None
         File where ``fit`` saves its state (prompt search, refiner and
         optimizer, random generators, history, query counts) every
@@ -238,6 +238,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         without early stopping.
     validation_score_ : float or None
         Validation accuracy of the kept model (None without early stopping).
+    validation_loss_ : float or None
+        Its validation cross-entropy, the criterion of the choice.
     fit_time_ : float
         Seconds spent in the last ``fit``.
 
@@ -660,6 +662,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         self.refiner_weights_ = result.refiner_weights
         self.best_generation_ = result.generation
         self.validation_score_ = None if loop.best is None else loop.best.accuracy
+        self.validation_loss_ = None if loop.best is None else loop.best.loss
         self.n_queries_ = counter.n_queries
         self.n_queries_by_purpose_ = {
             purpose: counter.by_purpose.get(purpose, 0) for purpose in ("screen", "prompt", "refiner", "validation")

@@ -247,7 +247,11 @@ def test_early_stopping_holds_back_shots_and_counts_validation_queries(digits):
     assert clf.n_queries_ == scored(box) <= FAST["query_budget"]
     assert clf.n_queries_by_purpose_["validation"] == 1 + clf.n_iter_  # the start, then one per generation
     assert 0 <= clf.best_generation_ <= clf.n_iter_
-    assert clf.validation_score_ == max([h["validation_accuracy"] for h in clf.history_] + [clf.validation_score_])
+    # the kept model has the lowest validation loss seen (the start included)
+    assert clf.validation_loss_ == min([h["validation_loss"] for h in clf.history_] + [clf.validation_loss_])
+    if clf.best_generation_:
+        kept = clf.history_[clf.best_generation_ - 1]
+        assert (kept["validation_loss"], kept["validation_accuracy"]) == (clf.validation_loss_, clf.validation_score_)
     # one shot per class is held back (8 shots x 0.1 rounds to 1): 7 per class train the refiner
     assert clf.n_queries_by_purpose_["prompt"] == FAST["popsize"] * clf.n_iter_
 
