@@ -60,6 +60,8 @@ _TEMPLATE = "a photo of a {}."
 # image on hosted endpoints, so the search is built to need a few hundred prompt sets.
 _AUTO_BUDGET = {"embedding": 8000, "text": 250}
 _AUTO_POPSIZE = {"embedding": 40, "text": 10}
+# Words screened by default on an endpoint that caps the labels of one call.
+_CAPPED_VOCABULARY = 4000
 
 
 class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
@@ -146,7 +148,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         screened on the training shots before the search (one query, or one per
         ``backend.max_labels`` words). None: every whole-word token of the
         model's tokenizer (open_clip's, about 31,700 words; nothing is
-        downloaded); an int: a seeded random subset of that many of them.
+        downloaded), or a seeded random subset of 4,000 of them when the
+        backend caps the labels of one call (``max_labels``); an int: a seeded
+        random subset of that many.
     prompt_tuning : bool, default=True
         Train the prompt generation module (off: the hand-written prompt).
     refinement : bool, default=True
@@ -500,11 +504,14 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             template = getattr(backend, "template", None) or _TEMPLATE
             candidates = self.prompt_candidates_ if warm and self.prompt_candidates_ is not None else None
             vocabulary, n_words = self.vocabulary, None
+            max_labels = getattr(backend, "max_labels", None)
+            if vocabulary is None and max_labels is not None:
+                vocabulary = _CAPPED_VOCABULARY  # every word would take hundreds of screening queries
             if isinstance(vocabulary, Integral):
                 vocabulary, n_words = None, int(vocabulary)
             search = TextPromptSearch(names, templates=(template,), candidates=candidates, popsize=popsize,
                                       vocabulary=vocabulary, n_words=n_words,
-                                      strings_per_query=getattr(backend, "max_labels", None),
+                                      strings_per_query=max_labels,
                                       random_state=np.random.RandomState(seeds["cma"]))
             if candidates is not None and self._text_logits is not None:
                 for theta, old in zip(search.logits_, self._text_logits):

@@ -11,12 +11,19 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 with warnings.catch_warnings():  # cma warns at import when matplotlib is absent; we never plot
     warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
     import cma
 
 __all__ = ["PromptSearch", "projection_matrix"]
+
+
+def _one_blas_thread():
+    # CMA-ES decomposes a d x d covariance every few generations (d = 512): one BLAS thread
+    # does it in tens of milliseconds, while threads that spin on a busy machine take seconds.
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def projection_matrix(
@@ -112,11 +119,13 @@ class PromptSearch:
 
     def ask(self) -> np.ndarray:
         """Candidates of the next generation, shape ``(popsize, intrinsic_dim)``."""
-        return np.asarray(self.es.ask())
+        with _one_blas_thread():
+            return np.asarray(self.es.ask())
 
     def tell(self, solutions: np.ndarray, fitness: np.ndarray) -> None:
         """Report the fitness (lower is better) of the candidates from :meth:`ask`."""
-        self.es.tell(list(solutions), [float(f) for f in fitness])
+        with _one_blas_thread():
+            self.es.tell(list(solutions), [float(f) for f in fitness])
 
     def offsets(self, Z: np.ndarray) -> np.ndarray:
         """Map intrinsic vectors ``(P, d)`` to prompt offsets ``(P, n_ctx, dim)``."""
