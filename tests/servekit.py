@@ -46,23 +46,37 @@ def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None 
     raise TimeoutError(f"no healthy server at {url} after {timeout} s")
 
 
+class ThreadServer:
+    """``app`` under uvicorn in a daemon thread of this process."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> "ThreadServer":
+        self.thread.start()
+        wait_healthy(self.url, timeout=60)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=10)
+
+
 @contextlib.contextmanager
 def thread_server(app):
     """Run ``app`` under uvicorn in a daemon thread of this process; yield its base URL."""
-    import uvicorn
-
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
+    live = ThreadServer(app).start()
     try:
-        wait_healthy(url, timeout=60)
-        yield url
+        yield live.url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        live.stop()
 
 
 class ServerProcess:
@@ -76,12 +90,25 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90.0) -> "ServerProcess":
+    def launch(self) -> "ServerProcess":
+        """Start the process without waiting for it (see :meth:`wait`)."""
         cmd = [sys.executable, "-m", "skcarrot", "serve", "--db", self.db_url, "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, env=self.env, cwd=str(REPO), start_new_session=True)
+        return self
+
+    def wait(self, timeout: float = 120.0) -> "ServerProcess":
         wait_healthy(self.url, timeout=timeout, proc=self.proc)
         return self
+
+    def start(self, timeout: float = 120.0) -> "ServerProcess":
+        return self.launch().wait(timeout)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def kill(self) -> None:
         """SIGKILL the whole process group (uvicorn and any workers): no clean shutdown."""
