@@ -235,8 +235,8 @@ class ModelService:
         if self.text_capable:
             try:
                 self.backend._box().tokens_for(list(names))
-            except ValueError as exc:
-                raise invalid(loc, str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - whatever the tokenizer chokes on is the client's text
+                raise invalid(loc, f"cannot tokenize the class names: {exc}") from None
         return list(names)
 
     def check_prompt_sets(self, prompts: Sequence[Sequence[str]], loc: tuple) -> list[list[str]]:
@@ -264,7 +264,10 @@ class ModelService:
         if self.text_capable:
             box = self.backend._box()
             distinct = list(dict.fromkeys(strings))
-            tokens = box.tokenizer(distinct)
+            try:
+                tokens = box.tokenizer(distinct)
+            except Exception as exc:  # noqa: BLE001 - whatever the tokenizer chokes on is the client's text
+                raise invalid(loc, f"cannot tokenize the prompts: {exc}") from None
             too_long = [t for t, row in zip(distinct, tokens) if int(row[-1]) != 0]
             if too_long:
                 raise invalid(loc, f"prompt {too_long[0]!r} is longer than the model's context length; shorten it")
