@@ -211,3 +211,19 @@ def test_huggingface_inference_client_speaks_to_the_zero_shot_endpoint(live, tmp
     assert abs(sum(o.score for o in out) - 1.0) < 1e-4
     assert [o.score for o in out] == sorted((o.score for o in out), reverse=True)
     assert ledger.find_key("hf-client").prompts_used == 1
+
+
+def test_grid_search_and_pickled_models_work_over_http(live, monkeypatch, digits):
+    from sklearn.model_selection import GridSearchCV
+
+    url, ledger, _ = live
+    monkeypatch.setenv("SKCARROT_API_KEY", _key(ledger, "grid"))
+    Xtr, ytr, Xte, yte = digits
+    search = GridSearchCV(
+        CarrotClassifier(backend=HTTPBackend(url), **{**FAST, "query_budget": 20}),
+        {"hidden_dim": [16, 32]},
+        cv=2,
+    ).fit(Xtr, ytr)
+    fitted = pickle.loads(pickle.dumps(search.best_estimator_))  # the key stays in the environment
+    assert fitted.score(Xte, yte) > 0.3
+    assert ledger.find_key("grid").prompts_used > 0
