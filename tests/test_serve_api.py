@@ -303,3 +303,28 @@ def test_concurrent_charges_on_one_key_never_overspend(tmp_path):
     for t in threads:
         t.join()
     assert sum(granted) == 99 == ledger.usage(key_id).prompts_used
+
+
+def test_any_backend_can_be_served_and_a_failing_model_is_refunded(tmp_path):
+    from skcarrot.backends import ToyBackend
+
+    class Broken(ToyBackend):
+        def logits(self, images, class_names, offsets):
+            if "boom" in class_names:
+                raise RuntimeError("model crashed")
+            return super().logits(images, class_names, offsets)
+
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'l.db'}", backend=Broken()))
+    _, key = app.state.server.ledger.create_key("toy", budget=10)
+    toy_offsets = {"shape": [1, 2, 8], "dtype": "float32", "data": base64.b64encode(bytes(64)).decode()}
+    with TestClient(app) as client:
+        ids = _upload(client, key, _image(20))
+        ok = client.post("/v1/score", headers=_auth(key),
+                         json={"image_ids": ids, "class_names": ["a", "b"], "offsets": toy_offsets})
+        assert ok.status_code == 200 and ok.json()["model"] == "Broken"
+        failed = client.post("/v1/score", headers=_auth(key),
+                             json={"image_ids": ids, "class_names": ["a", "boom"], "offsets": toy_offsets})
+        assert failed.status_code == 500 and "nothing was charged" in failed.text
+        assert client.get("/v1/usage", headers=_auth(key)).json()["prompts_used"] == 1
+        text = client.post("/v1/score-text", headers=_auth(key), json={"image_ids": ids, "prompts": [["a", "b"]]})
+        assert text.status_code == 422

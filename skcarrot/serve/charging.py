@@ -84,15 +84,25 @@ def charged_call(
     try:
         payload = compute(charge.remaining)
         body = json.dumps(payload, separators=(",", ":")).encode()
-    except BaseException as exc:
-        if charge.kind == "new":
-            ledger.refund(key.id, n_prompts, n_images, idem_key)
-        if isinstance(exc, ApiError):
-            raise
+    except ApiError:
+        _refund(server, key, charge.kind, n_prompts, n_images, idem_key)
+        raise
+    except Exception:
+        _refund(server, key, charge.kind, n_prompts, n_images, idem_key)
         logger.exception("key %d: the model failed on a charged request (refunded)", key.id)
         raise ApiError(500, "the model failed on this request; nothing was charged") from None
+    except BaseException:  # cancelled, interrupted: the model never answered
+        _refund(server, key, charge.kind, n_prompts, n_images, idem_key)
+        raise
     ledger.finish_charge(key.id, idem_key, body)
     if charge.kind == "new":
         metrics.queries.inc(n_prompts)
         metrics.images_scored.inc(n_images)
     return Response(body, media_type="application/json")
+
+
+def _refund(server: Server, key: KeyRecord, kind: str, n_prompts: int, n_images: int, idem_key: str | None) -> None:
+    # Only a charge taken by this attempt is given back; a resumed attempt's charge stays
+    # with the attempt that took it.
+    if kind == "new":
+        server.ledger.refund(key.id, n_prompts, n_images, idem_key)

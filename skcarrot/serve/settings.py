@@ -51,8 +51,6 @@ class Settings:
         Longest class name or prompt string.
     rate_window_s : float, default=60.0
         Window of the per-key rate limits (queries per window).
-    default_rate_limit : int or None, default=None
-        Rate limit of keys created without one (None: unlimited).
     idempotency_ttl_s : float, default=7 days
         How long a stored response answers retries of its ``Idempotency-Key``.
     image_cache_size : int, default=20000
@@ -72,6 +70,5 @@ class Settings:
     max_image_pixels: int = 4096 * 4096
     max_class_name_chars: int = 200
     rate_window_s: float = 60.0
-    default_rate_limit: int | None = None
     idempotency_ttl_s: float = 7 * 24 * 3600.0
     image_cache_size: int = 20_000
