@@ -100,13 +100,14 @@ def main():
 
             fit_key = ledger.create_key("fit", budget=args.budget + 10)[1]
             settings = dict(query_budget=args.budget, random_state=0)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             local = CarrotClassifier(backend=embedded_backend(), **settings).fit(Xtr, ytr)
-            t_local = time.perf_counter() - start
+            t_local, cpu_local = time.perf_counter() - start, time.process_time() - cpu
             backend = HTTPBackend(server.url, api_key=fit_key)
-            start = time.perf_counter()
+            start, cpu, cpu_server = time.perf_counter(), time.process_time(), _cpu_seconds(server.proc.pid)
             remote = CarrotClassifier(backend=backend, **settings).fit(Xtr, ytr)
             t_http = time.perf_counter() - start
+            cpu_http = time.process_time() - cpu + _cpu_seconds(server.proc.pid) - cpu_server
             uploads = _metric(server.url, 'skcarrot_requests_total{method="POST",route="/v1/images",status="200"}')
             scores = _metric(server.url, 'skcarrot_requests_total{method="POST",route="/v1/score",status="200"}')
             used = ledger.find_key("fit").prompts_used
@@ -117,6 +118,10 @@ def main():
             "in_process_s": round(t_local, 2),
             "http_s": round(t_http, 2),
             "ratio": round(t_http / t_local, 3),
+            # CPU seconds (client + server process) are steadier than wall time on a shared machine
+            "in_process_cpu_s": round(cpu_local, 2),
+            "http_cpu_s": round(cpu_http, 2),
+            "cpu_ratio": round(cpu_http / cpu_local, 3),
             "max_abs_proba_diff": proba_diff,
             "held_out_accuracy_http": round(accuracy, 4),
             "ledger_equals_client": used == remote.n_queries_,
@@ -137,6 +142,15 @@ class _sqlite:
 
     def __exit__(self, *exc):
         return False
+
+
+def _cpu_seconds(pid):
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _metric(url, line_start):
