@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             print(f"skcarrot bench: error: {exc}", file=sys.stderr)
             return 2
+        from pathlib import Path
+
+        print(Path(args.out, "summary.md").read_text(), end="")
         print(f"{len(rows)} runs in {args.out}/results.jsonl; summary in {args.out}/summary.md and summary.csv")
         return 0
     if args.command == "demo":

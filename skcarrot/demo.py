@@ -12,19 +12,9 @@ import numpy as np
 
 from .classifier import CarrotClassifier
 from .datasets import few_shot_split, load_digit_images
+from .presets import METHODS
 
-__all__ = ["digits_few_shot", "run_demo", "METHODS", "SETTINGS"]
-
-#: The four CarrotClassifier settings: short name -> (display name, prompt_tuning, refinement).
-SETTINGS = {
-    "zeroshot": ("zero-shot", False, False),
-    "bbt": ("prompt-only (BBT)", True, False),
-    "refine": ("refine-only", False, True),
-    "carrot": ("CARROT", True, True),
-}
-
-#: Display name -> (prompt_tuning, refinement).
-METHODS = {label: (prompt, refine) for label, prompt, refine in SETTINGS.values()}
+__all__ = ["digits_few_shot", "run_demo"]
 
 
 def digits_few_shot(n_shots: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -91,7 +81,7 @@ def run_demo(
     print(f"model: {model}")
     print(f"sklearn digits: {len(Xtr)} training images ({n_shots} per class), {len(Xte)} held out")
     print(f"query budget {query_budget}, random_state={random_state}\n")
-    header = f"{'method':<20} {'held-out acc':>12} {'queries':>8} {'fit s':>7} {'saved KB':>9}"
+    header = f"{'method':<20} {'held-out acc':>12} {'queries':>8} {'images':>8} {'fit s':>7} {'saved KB':>9}"
     print(header)
     print("-" * len(header))
     fitted = {}
@@ -109,7 +99,8 @@ def run_demo(
         seconds = time.perf_counter() - start
         acc = clf.score(Xte, yte)
         fitted[name] = clf
-        print(f"{name:<20} {acc:>12.3f} {clf.n_queries_:>8d} {seconds:>7.1f} {_saved_bytes(clf) / 1024:>9.1f}")
+        print(f"{name:<20} {acc:>12.3f} {clf.n_queries_:>8d} {clf.n_images_scored_:>8d} {seconds:>7.1f} "
+              f"{_saved_bytes(clf) / 1024:>9.1f}")
     path = _plot(fitted["CARROT"], out_dir)
     if path:
         print(f"\nlearning curve of CARROT written to {path}")

@@ -8,20 +8,67 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["to_pil_images", "augmented_views", "flat_width", "AUGMENTATIONS"]
+__all__ = ["to_pil_images", "augmented_views", "augment_all", "flat_width", "intensity_scale", "AUGMENTATIONS"]
 
 #: Names accepted by ``augmentation``.
 AUGMENTATIONS = ("crop", "crop+flip", "flip", "none")
 
 
-def _array_to_pil(arr: np.ndarray, where: str) -> Image.Image:
+_HOW_TO_PASS = (
+    "pass uint8 arrays for 0-255 data, uint16 for 16-bit data, floats scaled to [0, 1], "
+    "or give the range with image_range=(black, white)"
+)
+
+
+def intensity_scale(arr: np.ndarray, where: str) -> float:
+    """The value of white in ``arr``, read from its dtype and its values.
+
+    uint8 is 0-255 and uint16 is 0-65535 whatever the values; bool is 0/1.
+    Other integer and float arrays are read by their values: all within [0, 1]
+    is intensity in [0, 1], a maximum in (127, 255] is 0-255. Anything else
+    (negative values, a maximum above 255, or one in (1, 127] such as 0-16
+    data) is ambiguous and raises, saying how to pass the image.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.images import intensity_scale
+    >>> intensity_scale(np.zeros(3, np.uint16), "image 0"), intensity_scale(np.array([0.2, 0.9]), "image 0")
+    (65535.0, 1.0)
+    >>> intensity_scale(np.array([0.0, 16.0]), "image 3")
+    Traceback (most recent call last):
+    ...
+    ValueError: image 3: values in [0, 16] are neither intensities in [0, 1] nor 0-255; ...
+    """
+    if arr.dtype == bool:
+        return 1.0
+    if arr.dtype == np.uint8:
+        return 255.0
+    if arr.dtype == np.uint16:
+        return 65535.0
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{where}: image contains NaN or infinity")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0:
+        raise ValueError(
+            f"{where}: image has negative values (min {lo:g}); intensities can not be negative: {_HOW_TO_PASS}"
+        )
+    if hi <= 1.0:
+        return 1.0
+    if 127.0 < hi <= 255.0:
+        return 255.0
+    raise ValueError(
+        f"{where}: values in [{lo:g}, {hi:g}] are neither intensities in [0, 1] nor 0-255; {_HOW_TO_PASS}"
+    )
+
+
+def _array_to_pil(arr: np.ndarray, where: str, value_range: tuple[float, float] | None = None) -> Image.Image:
     arr = np.asarray(arr)
     if arr.dtype == object:
         try:
@@ -42,38 +89,48 @@ def _array_to_pil(arr: np.ndarray, where: str) -> Image.Image:
         )
     if arr.size == 0:
         raise ValueError(f"{where}: empty image of shape {arr.shape}")
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8) * 255
-    elif np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
+    if value_range is None:
+        value_range = (0.0, intensity_scale(arr, where))
+    black, white = value_range
+    if arr.dtype != np.uint8 or (black, white) != (0.0, 255.0):
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
             raise ValueError(f"{where}: image contains NaN or infinity")
-        if arr.min() < 0 or arr.max() > 1:
-            warnings.warn(
-                "float images are read as intensities in [0, 1]; values outside were "
-                "clipped (pass uint8 arrays for 0-255 data)",
-                UserWarning,
-                stacklevel=4,
-            )
-        arr = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-    elif arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
+        unit = (arr.astype(np.float64) - black) / (white - black)
+        arr = np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
     img = Image.fromarray(np.ascontiguousarray(arr))
     return img.convert("RGB")
 
 
-def _one_to_pil(item: Any, index: int) -> Image.Image:
+def _pil_to_rgb(img: Image.Image, where: str) -> Image.Image:
+    # PIL's own convert clips 16-bit and float modes at 255: read them by their range instead.
+    if img.mode.startswith("I;16"):
+        return _array_to_pil(np.asarray(img).astype(np.uint16), where, (0.0, 65535.0))
+    if img.mode == "I":  # 32-bit integers: 16-bit files on some platforms
+        arr = np.asarray(img)
+        if arr.size and arr.min() >= 0 and arr.max() <= 65535:
+            return _array_to_pil(arr.astype(np.uint16), where, (0.0, 65535.0))
+        return _array_to_pil(arr, where)
+    if img.mode == "F":
+        return _array_to_pil(np.asarray(img), where)
+    return img.convert("RGB")
+
+
+def _one_to_pil(item: Any, index: int, value_range: tuple[float, float] | None = None) -> Image.Image:
     where = f"image {index}"
     if isinstance(item, Image.Image):
         try:
-            return item.convert("RGB")
+            return _pil_to_rgb(item, where)
+        except ValueError:
+            raise
         except Exception as exc:  # truncated files opened lazily, odd modes
             raise ValueError(f"{where}: cannot read PIL image ({exc})") from exc
     if isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                img.load()
+                return _pil_to_rgb(img, f"{where} ({path!r})")
+        except (OSError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{where}: cannot read image file {path!r} ({exc})") from exc
     if isinstance(item, (bytes, bytearray)):
         raise ValueError(f"{where}: raw bytes are not an image; pass a path, PIL image or array")
@@ -81,10 +138,10 @@ def _one_to_pil(item: Any, index: int) -> Image.Image:
         arr = np.asarray(item)
     except Exception as exc:
         raise ValueError(f"{where}: cannot interpret {type(item).__name__} as an image") from exc
-    return _array_to_pil(arr, where)
+    return _array_to_pil(arr, where, value_range)
 
 
-def to_pil_images(X: Any) -> list[Image.Image]:
+def to_pil_images(X: Any, image_range: tuple[float, float] | None = None) -> list[Image.Image]:
     """Coerce a batch of images to a list of RGB PIL images.
 
     Parameters
@@ -122,10 +179,15 @@ def to_pil_images(X: Any) -> list[Image.Image]:
         )
     if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
         raise TypeError("sparse input is not supported: pass images as dense arrays, PIL images or paths")
-    if hasattr(X, "iloc") or hasattr(X, "to_numpy"):  # pandas Series / DataFrame
-        X = X.to_numpy()
-    elif not isinstance(X, (list, tuple, np.ndarray)) and hasattr(X, "__array__"):
-        X = np.asarray(X)
+    X = _as_batch(X)
+    value_range = None
+    if image_range is not None:
+        black, white = (float(v) for v in image_range)
+        if not (np.isfinite(black) and np.isfinite(white) and white > black):
+            raise ValueError(f"image_range must be (black, white) with black < white, got {image_range!r}")
+        value_range = (black, white)
+    if isinstance(X, np.ndarray) and X.dtype.kind in "US":  # an array of file paths
+        X = X.astype(object)
     if isinstance(X, np.ndarray) and X.dtype != object:
         if X.ndim < 2:
             raise ValueError(
@@ -137,6 +199,9 @@ def to_pil_images(X: Any) -> list[Image.Image]:
         if X.ndim > 4:
             raise ValueError(f"expected an array of shape (N, H, W[, C]), got shape {X.shape}")
         items: Sequence[Any] = list(X)
+        numeric = np.issubdtype(X.dtype, np.number) or X.dtype == bool
+        if value_range is None and X.size and numeric and not np.issubdtype(X.dtype, np.complexfloating):
+            value_range = (0.0, _batch_scale(X))
     else:
         try:
             items = list(X)
@@ -146,7 +211,26 @@ def to_pil_images(X: Any) -> list[Image.Image]:
             ) from exc
     if len(items) == 0:
         raise ValueError("expected at least one image, got an empty batch")
-    return [_one_to_pil(item, i) for i, item in enumerate(items)]
+    return [_one_to_pil(item, i, value_range) for i, item in enumerate(items)]
+
+
+def _batch_scale(X: np.ndarray) -> float:
+    # One reading for the whole batch, so a dark image of a 0-255 batch is not read as [0, 1].
+    try:
+        return intensity_scale(X, "X")
+    except ValueError:
+        for i, image in enumerate(X):  # name the first image at fault when one is
+            if image.dtype.kind == "f" and not np.all(np.isfinite(image)) or image.min() < 0:
+                intensity_scale(image, f"image {i}")
+        raise
+
+
+def _as_batch(X: Any) -> Any:
+    if hasattr(X, "iloc") or hasattr(X, "to_numpy"):  # pandas Series / DataFrame
+        return X.to_numpy()
+    if not isinstance(X, (list, tuple, np.ndarray)) and hasattr(X, "__array__"):
+        return np.asarray(X)
+    return X
 
 
 def flat_width(X: Any) -> int | None:
@@ -159,8 +243,9 @@ def flat_width(X: Any) -> int | None:
     >>> flat_width(np.zeros((3, 5))), flat_width([[0, 1], [2, 3]]), flat_width(np.zeros((3, 4, 4)))
     (5, 2, None)
     """
+    X = _as_batch(X)
     if isinstance(X, np.ndarray):
-        return X.shape[1] if X.ndim == 2 and X.dtype != object else None
+        return X.shape[1] if X.ndim == 2 and X.dtype.kind not in "OUS" else None
     if isinstance(X, (list, tuple)) and X:
         first = X[0]
         if isinstance(first, (list, tuple)) or (isinstance(first, np.ndarray) and first.ndim == 1):
@@ -241,8 +326,39 @@ def augmented_views(
         raise ValueError(f"augmentation must be one of {AUGMENTATIONS} or a callable, got {augmentation!r}")
     views = [list(images)]
     for _ in range(n_views - 1):
-        if callable(augmentation):
-            views.append([augmentation(img, rng) for img in images])
-        else:
-            views.append([_augment_one(img, augmentation, rng) for img in images])
+        views.append(augment_all(images, augmentation, rng))
     return views
+
+
+def augment_all(
+    images: Sequence[Image.Image],
+    augmentation: str | Callable[[Image.Image, np.random.RandomState], Image.Image],
+    rng: np.random.RandomState,
+) -> list[Image.Image]:
+    """One fresh augmented view of each image (the paper's per-epoch augmentation).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from skcarrot.images import augment_all
+    >>> [v.size for v in augment_all([Image.new("RGB", (8, 8))] * 2, "crop+flip", np.random.RandomState(0))]
+    [(8, 8), (8, 8)]
+    >>> augment_all([Image.new("RGB", (8, 8))], lambda img, rng: np.asarray(img), np.random.RandomState(0))
+    Traceback (most recent call last):
+    ...
+    TypeError: augmentation <lambda> returned ndarray for image 0; it must return a PIL.Image.Image ...
+    """
+    if not callable(augmentation):
+        return [_augment_one(img, augmentation, rng) for img in images]
+    out = []
+    for i, img in enumerate(images):
+        view = augmentation(img, rng)
+        if not isinstance(view, Image.Image):
+            name = getattr(augmentation, "__name__", type(augmentation).__name__)
+            raise TypeError(
+                f"augmentation {name} returned {type(view).__name__} for image {i}; it must return a "
+                "PIL.Image.Image (wrap an array with PIL.Image.fromarray)"
+            )
+        out.append(view.convert("RGB"))
+    return out

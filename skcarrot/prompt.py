@@ -54,7 +54,7 @@ class PromptSearch:
         Box constraint ``[-bound, bound]`` on every coordinate of ``z``; None or
         0 for none.
     projection_seed, cma_seed : int
-        Seeds of ``A`` and of CMA-ES (must be >= 1: cma reads 0 as "use the clock").
+        Seeds of ``A`` and of CMA-ES's own generator (numpy's global state is never used).
     x0 : ndarray of shape (intrinsic_dim,) or None
         Starting point; zeros (the hand-written prompt) by default.
 
@@ -84,14 +84,16 @@ class PromptSearch:
         cma_seed: int,
         x0: np.ndarray | None = None,
     ) -> None:
-        if cma_seed < 1:
-            raise ValueError("cma_seed must be >= 1 (cma reads 0 as 'seed from the clock')")
         self.context_shape = tuple(context_shape)
         self.projection = projection_matrix(intrinsic_dim, self.context_shape, projection_std, projection_seed)
         if x0 is None:
             x0 = np.zeros(intrinsic_dim)
+        # CMA-ES draws from its own generator: cma's "seed" option would reseed and
+        # sample numpy's global stream, which belongs to the user (and to other threads).
+        self._random = np.random.RandomState(int(cma_seed))
         opts = {
-            "seed": int(cma_seed),
+            "seed": np.nan,
+            "randn": self._random.randn,
             "popsize": int(popsize),
             "verbose": -9,
             "verb_log": 0,

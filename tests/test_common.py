@@ -4,9 +4,12 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skcarrot import CarrotClassifier, ToyBackend
 
-# Small settings so the whole battery runs in seconds.
+# Small settings so the whole battery runs in seconds. sklearn's check data are
+# standardised tabular rows (negative values, no natural white level): an image
+# range says how to read them as pixels, as a user with such data would.
 CHECK_PARAMS = dict(
-    backend=ToyBackend(), query_budget=30, popsize=4, intrinsic_dim=4, hidden_dim=8, n_views=2, random_state=0
+    backend=ToyBackend(), query_budget=30, popsize=4, intrinsic_dim=4, hidden_dim=8, n_views=2, random_state=0,
+    image_range=(-4.0, 4.0),
 )
 
 # Check name -> why it is expected to fail. Empty today: every check passes.

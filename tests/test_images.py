@@ -37,8 +37,63 @@ def test_grayscale_and_rgba_pil():
 def test_float_images_are_unit_intensities():
     img = to_pil_images(np.full((1, 2, 2), 0.5))[0]
     assert np.asarray(img)[0, 0, 0] == 128
-    with pytest.warns(UserWarning, match="clipped"):
-        to_pil_images(np.full((1, 2, 2), 3.0))
+
+
+def test_every_format_is_read_by_its_true_range(tmp_path):
+    ramp8 = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    expected = np.asarray(to_pil_images(ramp8[None])[0])
+    ramp16 = ramp8.astype(np.uint16) * 257  # the same intensities on 16 bits
+    path16 = tmp_path / "ramp16.png"
+    Image.fromarray(ramp16).save(path16)
+    assert Image.open(path16).mode.startswith("I")
+    readings = {
+        "uint16 array": to_pil_images(ramp16[None])[0],
+        "16-bit PNG": to_pil_images([path16])[0],
+        "PIL I;16": to_pil_images([Image.fromarray(ramp16)])[0],
+        "float 0-255": to_pil_images(ramp8[None].astype(np.float64))[0],
+        "float 0-1": to_pil_images(ramp8[None] / 255.0)[0],
+        "int64 0-255": to_pil_images(ramp8[None].astype(np.int64))[0],
+        "float32 PIL F": to_pil_images([Image.fromarray(ramp8.astype(np.float32) / 255)])[0],
+    }
+    for name, img in readings.items():
+        np.testing.assert_allclose(np.asarray(img, dtype=int), expected, atol=1, err_msg=name)
+
+
+def test_a_dark_image_in_a_0_255_batch_is_not_brightened():
+    batch = np.stack([np.full((2, 2), 200.0), np.full((2, 2), 1.0)])
+    dark = to_pil_images(batch)[1]
+    assert np.asarray(dark)[0, 0, 0] == 1
+
+
+@pytest.mark.parametrize(
+    "batch, match",
+    [
+        (np.full((2, 2, 2), 16.0), r"values in \[16, 16\] are neither intensities in \[0, 1\] nor 0-255"),
+        (np.full((1, 2, 2), 300, dtype=np.int32), r"values in \[300, 300\]"),
+        (np.stack([np.zeros((2, 2), np.int16), np.full((2, 2), -3, np.int16)]), r"image 1: image has negative values"),
+        (np.full((1, 2, 2), -0.5), r"image 0: image has negative values"),
+    ],
+)
+def test_an_ambiguous_range_raises_and_says_how_to_pass_it(batch, match):
+    with pytest.raises(ValueError, match=match) as info:
+        to_pil_images(batch)
+    assert "uint8" in str(info.value) and "[0, 1]" in str(info.value)
+
+
+def test_an_array_of_paths_is_read_as_paths(tmp_path):
+    arr = np.random.RandomState(1).randint(0, 256, size=(8, 8, 3)).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    imgs = to_pil_images(np.array([str(tmp_path / "a.png")] * 2))
+    assert len(imgs) == 2 and np.array_equal(np.asarray(imgs[1]), arr)
+
+
+def test_an_augmentation_must_return_an_image():
+    img = Image.new("RGB", (4, 4))
+    with pytest.raises(TypeError, match="augmentation to_array returned ndarray for image 0"):
+        def to_array(image, rng):
+            return np.asarray(image)
+
+        augmented_views([img], 2, to_array, np.random.RandomState(0))
 
 
 def test_unreadable_file_names_its_index(tmp_path):
@@ -69,6 +124,9 @@ def test_bad_shapes_and_values():
 
 
 def test_flat_width():
+    pd = pytest.importorskip("pandas")
+    assert flat_width(pd.DataFrame(np.zeros((2, 5)))) == 5
+    assert flat_width(np.array(["a.png", "b.png"])) is None
     assert flat_width(np.zeros((2, 7))) == 7
     assert flat_width([[1, 2, 3]]) == 3
     assert flat_width([np.zeros((2, 2))]) is None

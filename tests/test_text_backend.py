@@ -66,9 +66,10 @@ def test_counter_counts_prompt_sets_and_images_by_purpose():
     counter.text_scores(["img"] * 7, [["a", "b"]] * 3, purpose="prompt")
     counter.text_scores(["img"] * 4, [["a", "b", "c", "d", "e"]], purpose="screen")
     assert counter.n_queries == 4
-    assert counter.n_images_scored == 3 * 7 + 4
+    assert counter.n_images_scored == 7 + 4
+    assert counter.n_pairs_scored == 3 * 7 + 4
     assert counter.by_purpose == {"prompt": 3, "screen": 1}
-    assert counter.images_by_purpose == {"prompt": 21, "screen": 4}
+    assert counter.images_by_purpose == {"prompt": 7, "screen": 4}
 
 
 def test_counter_counts_a_call_that_came_back_malformed():

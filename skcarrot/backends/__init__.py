@@ -16,9 +16,9 @@ from ._base import BlackBoxVLM, QueryCounter
 from .embedded import embedded_backend
 from .http import HTTPBackend
 from .openclip import OpenCLIPBackend, register_model_configs
-from .text import OpenCLIPTextBackend, TextBlackBox, TextQueryCounter
+from .text import OpenCLIPTextBackend, TextBlackBox, TextQueryCounter, ZeroShotHTTPBackend
 from .toy import ToyBackend
 
 __all__ = ["BlackBoxVLM", "QueryCounter", "OpenCLIPBackend", "ToyBackend", "register_model_configs", "embedded_backend"]
-__all__ += ["TextBlackBox", "TextQueryCounter", "OpenCLIPTextBackend"]
+__all__ += ["TextBlackBox", "TextQueryCounter", "OpenCLIPTextBackend", "ZeroShotHTTPBackend"]
 __all__ += ["HTTPBackend"]

@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .._validation import check_backend, check_logits, check_offsets
 from ..exceptions import QueryBudgetExceededError
 
 __all__ = ["BlackBoxVLM", "QueryCounter"]
@@ -90,9 +91,14 @@ class QueryCounter:
     Attributes
     ----------
     n_queries : int
-        Queries spent so far (prompts scored).
+        Queries spent so far: one per prompt scored.
+    n_images_scored : int
+        Images sent so far, summed over calls: one image forward pass each for a
+        model that encodes every image it receives once per call.
     by_purpose : dict of str to int
-        The same, split by the ``purpose`` given to each call.
+        Queries, split by the ``purpose`` given to each call.
+    images_by_purpose : dict of str to int
+        Images scored, split the same way.
 
     Examples
     --------
@@ -105,16 +111,18 @@ class QueryCounter:
     >>> box = QueryCounter(Constant(), budget=3)
     >>> box.logits(["img"], ["cat", "dog"], np.zeros((2, 1, 2)), purpose="prompt").shape
     (2, 1, 2)
-    >>> box.n_queries, box.remaining
-    (2, 1)
+    >>> box.n_queries, box.n_images_scored, box.remaining
+    (2, 1, 1)
     """
 
     def __init__(self, backend: Any, budget: int | None = None) -> None:
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.budget = budget
         self.context_shape = context_shape_of(backend)
         self.n_queries = 0
+        self.n_images_scored = 0
         self.by_purpose: dict[str, int] = {}
+        self.images_by_purpose: dict[str, int] = {}
 
     @property
     def remaining(self) -> int | None:
@@ -152,12 +160,7 @@ class QueryCounter:
             If the call would spend more than the remaining budget; the model is
             not called.
         """
-        offsets = np.asarray(offsets, dtype=np.float32)
-        if offsets.ndim != 3 or offsets.shape[1:] != self.context_shape:
-            raise ValueError(
-                f"offsets must have shape (P, {self.context_shape[0]}, "
-                f"{self.context_shape[1]}), got {offsets.shape}"
-            )
+        offsets = check_offsets(offsets, self.context_shape)
         n_prompts = offsets.shape[0]
         remaining = self.remaining
         if remaining is not None and n_prompts > remaining:
@@ -166,16 +169,10 @@ class QueryCounter:
                 f"{self.budget} ({self.n_queries} spent, {remaining} left); "
                 "the call was not sent"
             )
-        out = np.asarray(self.backend.logits(images, class_names, offsets), dtype=np.float64)
-        expected = (n_prompts, len(images), len(class_names))
+        out = self.backend.logits(images, class_names, offsets)
         # Count what was sent, whatever came back: the model did the work.
         self.n_queries += n_prompts
+        self.n_images_scored += len(images)
         self.by_purpose[purpose] = self.by_purpose.get(purpose, 0) + n_prompts
-        if out.shape != expected:
-            raise ValueError(
-                f"backend.logits returned shape {out.shape}, expected {expected} "
-                "(prompts, images, classes)"
-            )
-        if not np.all(np.isfinite(out)):
-            raise ValueError("backend.logits returned non-finite values")
-        return out
+        self.images_by_purpose[purpose] = self.images_by_purpose.get(purpose, 0) + len(images)
+        return check_logits(out, (n_prompts, len(images), len(class_names)), self.backend)

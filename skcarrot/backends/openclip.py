@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
+from .._validation import check_offsets
 from .._threads import threads_for, torch_threads
 from ..exceptions import WeightsUnavailableError
 from ._prefix import encode_shared_prefix, supports_prefix_sharing
@@ -462,9 +463,7 @@ class OpenCLIPBackend(BaseEstimator):
         -------
         logits : ndarray of shape (P, n_images, n_classes)
         """
-        offsets = np.asarray(offsets, dtype=np.float32)
-        if offsets.ndim != 3 or offsets.shape[1:] != self.context_shape:
-            raise ValueError(f"offsets must have shape (P, *{self.context_shape}), got {offsets.shape}")
+        offsets = check_offsets(offsets, self.context_shape)
         return self._box().logits(images, list(class_names), offsets)
 
 

@@ -37,6 +37,8 @@ __all__ = [
     "TextBlackBox",
     "TextQueryCounter",
     "OpenCLIPTextBackend",
+    "ZeroShotHTTPBackend",
+    "TOKEN_ENV",
     "check_prompt_sets",
     "log_probabilities",
     "returns_of",
@@ -249,10 +251,14 @@ class TextQueryCounter:
         Queries spent so far: prompt sets scored. A prompt set with more strings
         than classes (as in screening candidate names) is still one query.
     n_images_scored : int
+        Images sent so far, summed over calls (as :class:`skcarrot.backends.QueryCounter`
+        counts them): a model that encodes each image once per call does that many
+        image forward passes.
+    n_pairs_scored : int
         Image x prompt set pairs scored so far: the number of calls a
         one-image-per-call HTTP endpoint receives.
     by_purpose, images_by_purpose : dict of str to int
-        Both counts, split by the ``purpose`` given to each call.
+        Queries and images scored, split by the ``purpose`` given to each call.
 
     Examples
     --------
@@ -265,8 +271,8 @@ class TextQueryCounter:
     >>> counter = TextQueryCounter(Uniform(), budget=3)
     >>> counter.text_scores(["img"] * 4, [["a cat.", "a dog."]] * 2, purpose="prompt").shape
     (2, 4, 2)
-    >>> counter.n_queries, counter.n_images_scored, counter.remaining
-    (2, 8, 1)
+    >>> counter.n_queries, counter.n_images_scored, counter.n_pairs_scored, counter.remaining
+    (2, 4, 8, 1)
     """
 
     def __init__(self, backend: Any, budget: int | None = None) -> None:
@@ -275,6 +281,7 @@ class TextQueryCounter:
         self.returns = returns_of(backend)
         self.n_queries = 0
         self.n_images_scored = 0
+        self.n_pairs_scored = 0
         self.by_purpose: dict[str, int] = {}
         self.images_by_purpose: dict[str, int] = {}
 
@@ -324,9 +331,10 @@ class TextQueryCounter:
         finally:
             # Count what was sent, whatever came back: the model did (some of) the work.
             self.n_queries += n_sets
-            self.n_images_scored += n_sets * len(images)
+            self.n_images_scored += len(images)
+            self.n_pairs_scored += n_sets * len(images)
             self.by_purpose[purpose] = self.by_purpose.get(purpose, 0) + n_sets
-            self.images_by_purpose[purpose] = self.images_by_purpose.get(purpose, 0) + n_sets * len(images)
+            self.images_by_purpose[purpose] = self.images_by_purpose.get(purpose, 0) + len(images)
         return check_text_scores(out, (n_sets, len(images), len(sets[0])), self.returns)
 
     def log_probabilities(
@@ -477,3 +485,278 @@ class OpenCLIPTextBackend(BaseEstimator):
     def text_scores(self, images: Sequence[Any], prompts: Sequence[Sequence[str]]) -> np.ndarray:
         """Logits ``(P, n_images, L)``; see :class:`TextBlackBox` and :func:`score_prompt_sets`."""
         return score_prompt_sets(self._open_clip(), images, prompts)
+
+
+#: Environment variable read for the bearer token when ``token`` is None (hosted endpoints' usual one).
+TOKEN_ENV = "HF_TOKEN"
+
+# Statuses worth retrying: the endpoint was busy, loading, restarting or rate limiting.
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def _png_base64(image: Any) -> str:
+    import base64
+    import io
+
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    import email.utils
+    import time
+
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class ZeroShotHTTPBackend(BaseEstimator):
+    """A text-level black box behind any zero-shot-image-classification HTTP endpoint.
+
+    Speaks the public contract of hosted CLIP endpoints (Hugging Face Inference
+    Endpoints, ``skcarrot serve``'s ``/v1/zero-shot-image-classification``):
+    ``POST {"inputs": <base64 PNG>, "parameters": {"candidate_labels": [...],
+    "hypothesis_template": "{}"}}`` returns ``[{"label": ..., "score": ...}]``,
+    softmax probabilities over the labels. One image per call: scoring ``P``
+    prompt sets on ``N`` images makes ``P * N`` calls, run concurrently. The
+    full prompt strings are sent as the labels, with the template ``"{}"``.
+
+    Parameters
+    ----------
+    url : str
+        The endpoint's full URL.
+    token : str or None, default=None
+        Bearer token. None reads the environment variable ``token_env`` at every
+        call, so the token never sits in parameters, reprs or pickles: the
+        recommended way. An explicit token is dropped when pickled unless
+        ``store_token=True``, and masked in the repr.
+    token_env : str, default="HF_TOKEN"
+        Environment variable of the token (for ``skcarrot serve``:
+        ``"SKCARROT_API_KEY"``). Unset: requests go without authorization.
+    max_concurrency : int, default=8
+        Most requests in flight at once (and pooled connections).
+    timeout : float, default=60.0
+        Seconds to wait for one response.
+    max_retries : int, default=6
+        Retries of a request after a connection error, a timeout, a 429 or a
+        5xx, with exponential backoff and full jitter, never shorter than the
+        server's ``Retry-After``. Other 4xx are never retried.
+    backoff : float, default=0.5
+        First backoff ceiling in seconds; doubles per retry.
+    max_backoff : float, default=30.0
+        Largest backoff ceiling in seconds.
+    store_token : bool, default=False
+        Keep an explicit ``token`` in pickles.
+    max_labels : int or None, default=256
+        Most candidate labels the endpoint accepts in one call (hosted endpoints
+        cap them); :class:`~skcarrot.CarrotClassifier` screens candidate words
+        in chunks of this size. None: no cap.
+
+    Attributes
+    ----------
+    returns : str
+        ``"probabilities"``.
+    n_calls_ : int
+        HTTP requests sent by this object, retries included.
+    n_retries_ : int
+        Of which retries.
+
+    Notes
+    -----
+    Needs ``httpx`` (``pip install httpx``). Probabilities over a prompt set's
+    strings are a softmax, so their log-ratios are logit differences: the text
+    prompt search relies on that to screen many candidate strings in one call.
+
+    Examples
+    --------
+    >>> from skcarrot.backends.text import ZeroShotHTTPBackend
+    >>> door = ZeroShotHTTPBackend("https://example.org/models/clip", token="hf_secret")
+    >>> door.returns, "hf_secret" in repr(door)
+    ('probabilities', False)
+    """
+
+    returns = "probabilities"
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        token_env: str = TOKEN_ENV,
+        max_concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 6,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        store_token: bool = False,
+        max_labels: int | None = 256,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.token_env = token_env
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.store_token = store_token
+        self.max_labels = max_labels
+
+    # -- what never travels: the token (unless asked), the connection pool, the lock ------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_runtime_state", None)
+        if not self.store_token:
+            state["token"] = None
+        return state
+
+    def __repr__(self, N_CHAR_MAX: int = 700) -> str:
+        if self.token is None:
+            return super().__repr__(N_CHAR_MAX)
+        token, self.token = self.token, "***"
+        try:
+            return super().__repr__(N_CHAR_MAX)
+        finally:
+            self.token = token
+
+    def _runtime(self) -> dict:
+        state = self.__dict__.get("_runtime_state")
+        if state is None:
+            state = self.__dict__.setdefault(
+                "_runtime_state",
+                {"lock": threading.Lock(), "client": None, "calls": 0, "retries": 0, "random": None},
+            )
+        return state
+
+    @property
+    def n_calls_(self) -> int:
+        return self._runtime()["calls"]
+
+    @property
+    def n_retries_(self) -> int:
+        return self._runtime()["retries"]
+
+    def _client(self) -> Any:
+        state = self._runtime()
+        with state["lock"]:
+            if state["client"] is None:
+                try:
+                    import httpx
+                except ImportError as exc:  # pragma: no cover - depends on the install
+                    raise ImportError("ZeroShotHTTPBackend needs httpx: pip install httpx") from exc
+                import random
+
+                limits = httpx.Limits(
+                    max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
+                )
+                state["client"] = httpx.Client(timeout=self.timeout, limits=limits)
+                # Jitter only spreads retries in time; it never touches results or numpy's state.
+                state["random"] = random.Random()
+            return state["client"]
+
+    def _headers(self) -> dict[str, str]:
+        import os
+
+        token = self.token if self.token is not None else os.environ.get(self.token_env)
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        ceiling = min(float(self.max_backoff), float(self.backoff) * 2.0**attempt)
+        delay = self._runtime()["random"].uniform(0.0, ceiling)
+        return max(delay, retry_after or 0.0)
+
+    def _post(self, payload: dict) -> Any:
+        import time
+
+        import httpx
+
+        client = self._client()
+        state = self._runtime()
+        headers = self._headers()
+        for attempt in range(int(self.max_retries) + 1):
+            last = attempt == int(self.max_retries)
+            with state["lock"]:
+                state["calls"] += 1
+                state["retries"] += attempt > 0
+            try:
+                response = client.post(self.url, json=payload, headers=headers)
+            except httpx.TransportError as exc:
+                if last:
+                    raise ConnectionError(
+                        f"{self.url} could not be reached after {attempt + 1} attempt(s): {exc!r}"
+                    ) from exc
+                time.sleep(self._delay(attempt, None))
+                continue
+            if response.status_code < 400:
+                try:
+                    return response.json()
+                except ValueError as exc:
+                    raise ValueError(f"{self.url} answered with invalid JSON: {response.text[:200]!r}") from exc
+            if response.status_code in _RETRY_STATUSES and not last:
+                time.sleep(self._delay(attempt, _retry_after(response.headers.get("Retry-After"))))
+                continue
+            self._raise(response, attempt + 1)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _raise(self, response: Any, attempts: int) -> None:
+        status = response.status_code
+        text = response.text[:300]
+        if status in (401, 403):
+            raise PermissionError(
+                f"{self.url} refused the request ({status}): {text!r}; set the token in the environment "
+                f"variable {self.token_env} (or pass token=...)"
+            )
+        if status in _RETRY_STATUSES:
+            raise ConnectionError(f"{self.url} answered {status} after {attempts} attempt(s): {text!r}")
+        raise ValueError(f"{self.url} rejected the request ({status}): {text!r}")
+
+    def _score_one(self, image_b64: str, labels: list[str]) -> dict[str, float]:
+        payload = {"inputs": image_b64, "parameters": {"candidate_labels": labels, "hypothesis_template": "{}"}}
+        body = self._post(payload)
+        if isinstance(body, list) and len(body) == 1 and isinstance(body[0], list):
+            body = body[0]  # some servers wrap one input's answer in a batch
+        try:
+            scores = {str(item["label"]): float(item["score"]) for item in body}
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(
+                f"{self.url} answered {str(body)[:200]!r}; expected a list of {{'label', 'score'}}"
+            ) from exc
+        missing = [label for label in labels if label not in scores]
+        if missing:
+            raise ValueError(f"{self.url} answered without a score for {len(missing)} label(s), e.g. {missing[0]!r}")
+        return scores
+
+    def text_scores(self, images: Sequence[Any], prompts: Sequence[Sequence[str]]) -> np.ndarray:
+        """Probabilities ``(P, n_images, L)``: one HTTP call per image and prompt set.
+
+        A string repeated within a prompt set is sent once and gets its score in
+        every column it fills.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        sets = check_prompt_sets(prompts)
+        images = list(images)
+        encoded = [_png_base64(img) for img in images]
+        labels = [list(dict.fromkeys(prompt_set)) for prompt_set in sets]
+        jobs = [(p, n) for p in range(len(sets)) for n in range(len(images))]
+        self._client()
+        with ThreadPoolExecutor(max_workers=max(1, int(self.max_concurrency))) as pool:
+            answers = list(pool.map(lambda job: self._score_one(encoded[job[1]], labels[job[0]]), jobs))
+        out = np.empty((len(sets), len(images), len(sets[0])))
+        for (p, n), scores in zip(jobs, answers):
+            out[p, n] = [scores[s] for s in sets[p]]
+        return out

@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 from sklearn.base import BaseEstimator
 
+from .._validation import check_offsets
+
 __all__ = ["ToyBackend"]
 
 
@@ -75,9 +77,7 @@ class ToyBackend(BaseEstimator):
 
     def logits(self, images: Sequence[Any], class_names: Sequence[str], offsets: np.ndarray) -> np.ndarray:
         """Logits ``(P, n_images, n_classes)``; see :class:`skcarrot.backends.BlackBoxVLM`."""
-        offsets = np.asarray(offsets, dtype=np.float64)
-        if offsets.ndim != 3 or offsets.shape[1:] != self.context_shape:
-            raise ValueError(f"offsets must have shape (P, *{self.context_shape}), got {offsets.shape}")
+        offsets = check_offsets(offsets, self.context_shape).astype(np.float64)
         img = self._image_features(images)  # (N, 64)
         flat = offsets.reshape(len(offsets), -1)  # (P, n_ctx * dim)
         text = []

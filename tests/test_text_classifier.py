@@ -1,0 +1,103 @@
+"""CarrotClassifier over the text-level door: the door it is given decides the mode."""
+
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+
+from skcarrot import CarrotClassifier
+from skcarrot.backends import OpenCLIPTextBackend
+from skcarrot.datasets import few_shot_split, load_digit_images
+
+
+class CountingTextBackend(OpenCLIPTextBackend):
+    """The in-process text door, counting the prompt sets and images it scores."""
+
+    def __init__(self, backend=None):
+        super().__init__(backend=backend)
+        self.sets = self.images = 0
+
+    def text_scores(self, images, prompts):
+        self.sets += len(prompts)
+        self.images += len(images)
+        return super().text_scores(images, prompts)
+
+
+@pytest.fixture(scope="module")
+def split():
+    X, y = load_digit_images()
+    Xtr, ytr, Xte, yte = few_shot_split(X, y, 16, seed=0)
+    keep = np.random.RandomState(0).choice(len(yte), 500, replace=False)
+    return Xtr, ytr, Xte[keep], yte[keep]
+
+
+@pytest.fixture(scope="module")
+def zero_shot(split):
+    Xtr, ytr, Xte, yte = split
+    return CarrotClassifier(backend=OpenCLIPTextBackend(), prompt_tuning=False, refinement=False).fit(Xtr, ytr)
+
+
+def test_zero_shot_on_the_text_door_is_the_hand_written_prompt(split, zero_shot):
+    Xtr, ytr, Xte, yte = split
+    assert zero_shot.door_ == "text" and zero_shot.n_queries_ == 0
+    assert zero_shot.prompt_ == [f"a photo of a {c}." for c in range(10)]
+    # the same model through the embedding door at zero offset gives the same predictions
+    embedding = CarrotClassifier(prompt_tuning=False, refinement=False).fit(Xtr, ytr)
+    np.testing.assert_allclose(zero_shot.predict_proba(Xte), embedding.predict_proba(Xte), atol=1e-4)
+
+
+def test_text_level_carrot_learns_readable_prompts_within_budget(split, zero_shot):
+    Xtr, ytr, Xte, yte = split
+    door = CountingTextBackend()
+    clf = CarrotClassifier(backend=door, query_budget=120, random_state=0).fit(Xtr, ytr)
+    assert clf.n_queries_ == door.sets <= 120
+    assert clf.n_images_scored_ == door.images
+    assert clf.n_queries_by_purpose_["screen"] == 1  # one query screens every candidate word
+    assert sum(clf.n_queries_by_purpose_.values()) == clf.n_queries_
+    assert len(clf.prompt_) == 10 and all(isinstance(p, str) and p.startswith("a photo of a ") for p in clf.prompt_)
+    assert clf.prompt_offset_ is None and len(clf.prompt_candidates_) == 10
+    assert clf.score(Xte, yte) > zero_shot.score(Xte, yte) + 0.08  # held-out gain
+    # persistence stays weights-free and predictions survive it
+    again = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(again.predict_proba(Xte[:20]), clf.predict_proba(Xte[:20]))
+    assert len(pickle.dumps(clf)) < 200_000
+
+
+def test_text_prompt_search_alone_beats_zero_shot_and_is_seeded(split, zero_shot):
+    Xtr, ytr, Xte, yte = split
+    params = dict(backend=OpenCLIPTextBackend(), refinement=False, query_budget=81, random_state=3)
+    a = CarrotClassifier(**params).fit(Xtr, ytr)
+    b = CarrotClassifier(**params).fit(Xtr, ytr)
+    assert a.prompt_ == b.prompt_
+    assert a.n_queries_ == 81  # 1 screening query + 8 steps of 10
+    assert a.score(Xte, yte) > zero_shot.score(Xte, yte)
+
+
+def test_the_text_door_never_sends_an_over_budget_query(split):
+    Xtr, ytr, _, _ = split
+    door = CountingTextBackend()
+    clf = CarrotClassifier(backend=door, query_budget=30, popsize=4, random_state=0).fit(Xtr, ytr)
+    assert door.sets == clf.n_queries_ <= 30
+    with pytest.raises(ValueError, match="smaller than one generation"):
+        CarrotClassifier(backend=door, query_budget=5, random_state=0).fit(Xtr, ytr)
+
+
+def test_warm_start_keeps_the_door_and_the_candidates(split):
+    Xtr, ytr, _, _ = split
+    clf = CarrotClassifier(backend=OpenCLIPTextBackend(), query_budget=40, popsize=4, warm_start=True,
+                           random_state=0).fit(Xtr, ytr)
+    candidates = clf.prompt_candidates_
+    clf.fit(Xtr, ytr)
+    assert clf.prompt_candidates_ == candidates
+    assert clf.n_queries_by_purpose_["screen"] == 0  # no second screening
+    clf.set_params(backend=None)
+    with pytest.raises(ValueError, match="can not change the door"):
+        clf.fit(Xtr, ytr)
+
+
+def test_joblib_round_trip_in_text_mode(split, tmp_path):
+    Xtr, ytr, Xte, _ = split
+    clf = CarrotClassifier(backend=OpenCLIPTextBackend(), query_budget=25, popsize=4, random_state=0).fit(Xtr, ytr)
+    joblib.dump(clf, tmp_path / "m.joblib")
+    np.testing.assert_array_equal(joblib.load(tmp_path / "m.joblib").predict(Xte), clf.predict(Xte))

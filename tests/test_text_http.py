@@ -1,0 +1,206 @@
+"""ZeroShotHTTPBackend against a small in-test server speaking the zero-shot-image-classification contract."""
+
+import base64
+import io
+import json
+import pickle
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("httpx")
+
+from skcarrot.backends import OpenCLIPTextBackend, TextBlackBox, TextQueryCounter, ZeroShotHTTPBackend  # noqa: E402
+from skcarrot.backends.text import log_probabilities  # noqa: E402
+from skcarrot.datasets import DIGIT_WORDS, load_digit_images  # noqa: E402
+from skcarrot.images import to_pil_images  # noqa: E402
+from skcarrot.text_prompt import TextPromptSearch, run_text_prompt_search  # noqa: E402
+
+TOKEN = "test-secret"
+
+
+class ZeroShotServer:
+    """The embedded model behind the public contract: one image per call, softmax over the labels.
+
+    ``fail_first`` calls answer 503 with ``Retry-After: 0``; ``delay`` slows each call
+    so concurrency shows.
+    """
+
+    def __init__(self, fail_first=0, delay=0.0, token=TOKEN):
+        self.door = OpenCLIPTextBackend()
+        self.fail_first, self.delay, self.token = fail_first, delay, token
+        self.lock = threading.Lock()
+        self.calls = self.in_flight = self.max_in_flight = 0
+        self.bodies = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body, headers=()):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.calls += 1
+                    call = server.calls
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.bodies.append(body)
+                try:
+                    time.sleep(server.delay)
+                    if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                        return self.reply(401, {"error": "invalid token"})
+                    if call <= server.fail_first:
+                        return self.reply(503, {"error": "loading"}, [("Retry-After", "0")])
+                    params = body["parameters"]
+                    labels = [params["hypothesis_template"].replace("{}", c) for c in params["candidate_labels"]]
+                    image = Image.open(io.BytesIO(base64.b64decode(body["inputs"]))).convert("RGB")
+                    logits = server.door.text_scores([image], [labels])[0, 0]
+                    probs = np.exp(log_probabilities(logits, "logits"))
+                    order = np.argsort(-probs)
+                    return self.reply(200, [{"label": params["candidate_labels"][i], "score": float(probs[i])}
+                                            for i in order])
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/zero-shot"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digit_images()
+    return to_pil_images(X[:60]), y[:60]
+
+
+def prompts_of(words):
+    return [f"a photo of a {w}." for w in words]
+
+
+def test_scores_match_the_in_process_door(digits, monkeypatch):
+    images, _ = digits
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    sets = [prompts_of(DIGIT_WORDS), prompts_of(reversed(DIGIT_WORDS))]
+    with ZeroShotServer() as server:
+        door = ZeroShotHTTPBackend(server.url)
+        probs = door.text_scores(images[:4], sets)
+    assert isinstance(door, TextBlackBox) and door.returns == "probabilities"
+    local = np.exp(log_probabilities(OpenCLIPTextBackend().text_scores(images[:4], sets), "logits"))
+    np.testing.assert_allclose(probs, local, atol=1e-6)
+    assert server.calls == door.n_calls_ == 2 * 4  # one image and one prompt set per call
+    assert server.bodies[0]["parameters"]["hypothesis_template"] == "{}"
+
+
+def test_retries_honour_retry_after_then_succeed(digits, monkeypatch):
+    images, _ = digits
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with ZeroShotServer(fail_first=3) as server:
+        door = ZeroShotHTTPBackend(server.url, max_concurrency=1, backoff=0.001)
+        probs = door.text_scores(images[:2], [prompts_of(DIGIT_WORDS[:3])])
+    assert probs.shape == (1, 2, 3) and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert door.n_retries_ == 3 and door.n_calls_ == server.calls == 5
+
+
+def test_gives_up_after_max_retries(digits, monkeypatch):
+    images, _ = digits
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with ZeroShotServer(fail_first=100) as server:
+        door = ZeroShotHTTPBackend(server.url, max_concurrency=1, max_retries=2, backoff=0.001)
+        with pytest.raises(ConnectionError, match="503 after 3 attempt"):
+            door.text_scores(images[:1], [["a cat.", "a dog."]])
+    assert server.calls == 3
+
+
+def test_token_comes_from_the_environment_and_is_never_pickled(digits, monkeypatch):
+    images, _ = digits
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with ZeroShotServer() as server:
+        with pytest.raises(PermissionError, match="refused the request \\(401\\).*HF_TOKEN"):
+            ZeroShotHTTPBackend(server.url, max_retries=0).text_scores(images[:1], [["a cat.", "a dog."]])
+        monkeypatch.setenv("MY_TOKEN", TOKEN)
+        assert ZeroShotHTTPBackend(server.url, token_env="MY_TOKEN").text_scores(
+            images[:1], [["a cat.", "a dog."]]
+        ).shape == (1, 1, 2)
+        explicit = ZeroShotHTTPBackend(server.url, token=TOKEN)
+        explicit.text_scores(images[:1], [["a cat.", "a dog."]])
+    blob = pickle.dumps(explicit)
+    assert TOKEN.encode() not in blob and TOKEN not in repr(explicit)
+    assert pickle.loads(blob).token is None
+    assert pickle.loads(pickle.dumps(ZeroShotHTTPBackend("u", token="t", store_token=True))).token == "t"
+
+
+def test_concurrency_is_bounded(digits, monkeypatch):
+    images, _ = digits
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with ZeroShotServer(delay=0.02) as server:
+        ZeroShotHTTPBackend(server.url, max_concurrency=3).text_scores(images[:12], [["a cat.", "a dog."]])
+    assert server.calls == 12
+    assert 2 <= server.max_in_flight <= 3
+
+
+def test_end_to_end_search_through_the_endpoint_stays_within_budget(digits, monkeypatch):
+    images, y = digits
+    keep = y < 3
+    train, y_train = [img for img, k in zip(images, keep) if k], y[keep]
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    names = list(DIGIT_WORDS[:3])
+    with ZeroShotServer() as server:
+        counter = TextQueryCounter(ZeroShotHTTPBackend(server.url, max_concurrency=8), budget=13)
+        search = TextPromptSearch(names, vocabulary=["circle", "stick", "swan", "snake", "egg", "hook"],
+                                  strings_per_query=6, n_candidates=2, popsize=4, random_state=0)
+        run_text_prompt_search(counter, train, y_train, search)
+    assert search.n_screening_queries() == 2
+    assert counter.n_queries == 2 + 2 * 4 <= 13  # two screening queries, then two steps of four
+    assert server.calls == counter.n_pairs_scored == counter.n_queries * len(train)
+    assert len(search.current()) == 3 and all(p.startswith("a photo of a ") for p in search.current())
+
+
+def test_carrot_classifier_fits_end_to_end_through_the_endpoint(digits, monkeypatch):
+    from skcarrot import CarrotClassifier
+
+    images, y = digits
+    keep = y < 3
+    train, y_train = [img for img, k in zip(images, keep) if k], y[keep]
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with ZeroShotServer() as server:
+        door = ZeroShotHTTPBackend(server.url, max_concurrency=8, max_labels=6)
+        clf = CarrotClassifier(backend=door, class_names=list(DIGIT_WORDS[:3]), query_budget=16, popsize=4,
+                               vocabulary=["circle", "stick", "swan", "snake", "egg", "hook"], random_state=0)
+        clf.fit(train, y_train)
+        fit_calls = server.calls
+        proba = clf.predict_proba(train)
+    assert clf.door_ == "text" and clf.n_queries_ <= 16
+    # screening: 6 words in chunks of 3 next to the 3 classes' own prompts = 2 queries
+    assert clf.n_queries_by_purpose_["screen"] == 2
+    # one image and one prompt set per call: fit calls = sum over queries of the images each scored
+    per_query = {"screen": len(train), "prompt": len(train), "refiner": len(train), "validation": 0}
+    assert fit_calls == sum(n * per_query[k] for k, n in clf.n_queries_by_purpose_.items())
+    assert server.calls == fit_calls + len(train)  # predict: one prompt set, one call per image
+    assert proba.shape == (len(train), 3) and np.allclose(proba.sum(1), 1.0)
+    assert all(p.startswith("a photo of a ") for p in clf.prompt_)
