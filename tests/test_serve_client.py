@@ -227,3 +227,20 @@ def test_grid_search_and_pickled_models_work_over_http(live, monkeypatch, digits
     fitted = pickle.loads(pickle.dumps(search.best_estimator_))  # the key stays in the environment
     assert fitted.score(Xte, yte) > 0.3
     assert ledger.find_key("grid").prompts_used > 0
+
+
+def test_the_text_level_zero_shot_client_is_served_and_charged_per_call(live, monkeypatch):
+    from skcarrot.backends import ZeroShotHTTPBackend
+
+    url, ledger, _ = live
+    monkeypatch.setenv("SKCARROT_API_KEY", _key(ledger, "zero-shot-door"))
+    door = ZeroShotHTTPBackend(f"{url}/v1/zero-shot-image-classification", token_env="SKCARROT_API_KEY")
+    images = [Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)) for i in range(3)]
+    prompts = [["a photo of a one.", "a photo of a two."], ["a one.", "a two."]]
+    probabilities = door.text_scores(images, prompts)
+    assert probabilities.shape == (2, 3, 2)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-6)
+    logits = HTTPBackend(url).text_scores(images, prompts)  # the same model, many images per request
+    expected = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert ledger.find_key("zero-shot-door").prompts_used == 2 * 3 + 2  # one per call, then one per prompt set
