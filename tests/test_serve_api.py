@@ -328,3 +328,24 @@ def test_any_backend_can_be_served_and_a_failing_model_is_refunded(tmp_path):
         assert client.get("/v1/usage", headers=_auth(key)).json()["prompts_used"] == 1
         text = client.post("/v1/score-text", headers=_auth(key), json={"image_ids": ids, "prompts": [["a", "b"]]})
         assert text.status_code == 422
+
+
+def test_keys_create_prints_the_key_once_and_the_ledger_keeps_its_hash(tmp_path, capsys):
+    from skcarrot.cli import main
+
+    db = f"sqlite:///{tmp_path / 'keys.db'}"
+    assert main(["keys", "create", "--name", "alice", "--budget", "500", "--rate-limit", "100", "--db", db]) == 0
+    out = capsys.readouterr()
+    key = out.out.strip()
+    assert key.startswith("skc_") and key not in out.err
+    record = Ledger(db).authenticate(key)
+    assert (record.name, record.budget, record.rate_limit) == ("alice", 500, 100)
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("keys.db*"))  # the file and its WAL
+    assert key.encode() not in stored and hash_key(key).encode() in stored
+    assert main(["keys", "create", "--name", "alice", "--budget", "1", "--db", db]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["keys", "list", "--db", db]) == 0
+    listing = capsys.readouterr().out
+    assert "alice" in listing and key not in listing
+    assert main(["serve", "--db", "mysql://nowhere/x"]) == 2
+    assert "cannot open the ledger" in capsys.readouterr().err
