@@ -129,6 +129,7 @@ def test_rate_limit_is_429_with_retry_after(served):
     r = _score(client, key, ids, p=1)
     assert r.status_code == 429
     assert 1 <= int(r.headers["Retry-After"]) <= 30
+    assert _score(client, key, ids, p=4).status_code == 422  # could never pass: not worth a retry
     assert client.get("/v1/usage", headers=_auth(key)).json()["prompts_used"] == 3
 
 

@@ -43,6 +43,19 @@ def charged_call(
     fails, the charge is refunded.
     """
     ledger, metrics = server.ledger, server.metrics
+    if key.rate_limit is not None and n_prompts > key.rate_limit:
+        # waiting would never help: refuse as invalid rather than rate limited
+        raise ApiError(
+            422,
+            [
+                {
+                    "loc": ["body"],
+                    "msg": f"{n_prompts} queries in one request, more than the key's rate limit of {key.rate_limit} "
+                    f"per {server.settings.rate_window_s:g} s; send fewer prompts per request",
+                    "type": "value_error.over_rate_limit",
+                }
+            ],
+        )
     try:
         charge = ledger.begin_charge(key.id, n_prompts, n_images, idem_key, request_digest)
     except BudgetExceeded as exc:
