@@ -79,18 +79,27 @@ def main():
     parser.add_argument("--max-seconds", type=float, default=60.0)
     parser.add_argument("--budget", type=int, default=8000, help="query budget of the fits (default 8000)")
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads of both processes (default: torch's); 1 compares like with like "
+                             "on a machine shared with other work")
     args = parser.parse_args()
+    server_env = {}
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+        server_env = {"OMP_NUM_THREADS": str(args.torch_threads), "MKL_NUM_THREADS": str(args.torch_threads)}
 
     X, y = load_digit_images()
     Xtr, ytr, Xte, yte = few_shot_split(X, y, 16, seed=0)
     names = list(DIGIT_WORDS)
     images = to_pil_images(Xtr)
-    report = {"cpu_count": os.cpu_count()}
+    report = {"cpu_count": os.cpu_count(), "torch_threads": args.torch_threads}
 
     with tempfile.TemporaryDirectory() as tmp, \
             (postgres_cluster() if args.db == "postgresql" else _sqlite(tmp)) as db:
         ledger = Ledger(db)
-        with ServerProcess(db) as server:
+        with ServerProcess(db, env=server_env) as server:
             server.start()
             load_key = ledger.create_key("load", budget=10**9)[1]
             report["load"] = load_test(server.url, load_key, images, names, args.requests, args.concurrency,
