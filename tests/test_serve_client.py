@@ -69,7 +69,8 @@ def test_fit_over_http_matches_the_fit_in_process_and_the_ledger_matches_the_cli
 def test_each_distinct_image_is_uploaded_once(live):
     url, ledger, app = live
     backend = HTTPBackend(url, api_key=_key(ledger, "uploads"))
-    images = [Image.fromarray(np.full((8, 8, 3), i, np.uint8)) for i in range(5)]
+    # large enough that a client asks which the server lacks before sending pixels
+    images = [Image.fromarray(np.full((256, 256, 3), i, np.uint8)) for i in range(5)]
     uploads = app.state.server.metrics.requests.labels("/v1/images", "POST", "200")
     before = uploads._value.get()
     for _ in range(3):

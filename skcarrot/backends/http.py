@@ -42,6 +42,9 @@ logger = logging.getLogger("skcarrot")
 #: Environment variable read for the API key when ``api_key`` is None.
 API_KEY_ENV = "SKCARROT_API_KEY"
 
+# Below this many pixels in all, unknown images are uploaded without first asking which are missing.
+_ASK_FIRST_PIXELS = 64 * 64 * 64
+
 # Statuses worth retrying: the server was busy, restarting or rate limiting.
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
 
@@ -360,10 +363,16 @@ class HTTPBackend(BaseEstimator):
         limits = self._limits()
         per_request = max(1, int(limits["max_images_per_request"]))
         unknown = list(first)
-        missing: list[str] = []
-        for start in range(0, len(unknown), per_request):
-            chunk = unknown[start : start + per_request]
-            missing += self._request("POST", "/v1/images/missing", {"ids": chunk})["missing"]
+        pixels = sum(img.size[0] * img.size[1] for img in first.values())
+        if pixels <= _ASK_FIRST_PIXELS:
+            # Few small images (an augmented view or two): sending them costs less than
+            # asking which the server lacks; it keeps each one once anyway.
+            missing = unknown
+        else:
+            missing = []
+            for start in range(0, len(unknown), per_request):
+                chunk = unknown[start : start + per_request]
+                missing += self._request("POST", "/v1/images/missing", {"ids": chunk})["missing"]
         budget = int(limits["max_body_bytes"]) * 3 // 4
         batch: list[str] = []
         batch_ids: list[str] = []

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Response
+from starlette.background import BackgroundTask
 
 from .deps import Server
 from .errors import ApiError, retry_after_header
@@ -107,11 +108,13 @@ def charged_call(
     except BaseException:  # cancelled, interrupted: the model never answered
         _refund(server, key, charge.kind, n_prompts, n_images, idem_key)
         raise
-    ledger.finish_charge(key.id, idem_key, body)
     if charge.kind == "new":
         metrics.queries.inc(n_prompts)
         metrics.images_scored.inc(n_images)
-    return Response(body, media_type="application/json")
+    # The answer is stored for retries after it is sent, while the client works on it: a
+    # retry that comes first finds the charge without an answer and reruns the model, free.
+    store = BackgroundTask(ledger.finish_charge, key.id, idem_key, body) if idem_key is not None else None
+    return Response(body, media_type="application/json", background=store)
 
 
 def _refund(server: Server, key: KeyRecord, kind: str, n_prompts: int, n_images: int, idem_key: str | None) -> None:

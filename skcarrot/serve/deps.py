@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from .errors import ApiError, invalid
-from .ledger import KeyRecord, Ledger
+from .ledger import KeyRecord, Ledger, hash_key
 from .metrics import Metrics
 from .model import ModelService
 from .settings import Settings
 
-__all__ = ["Server", "get_server", "current_key", "idempotency_key"]
+__all__ = ["Server", "KeyCache", "get_server", "current_key", "idempotency_key"]
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Server:
     ledger: Ledger
     model: ModelService
     metrics: Metrics
+    keys: "KeyCache" = field(default_factory=lambda: KeyCache())
 
 
 def get_server(request: Request) -> Server:
@@ -34,7 +37,30 @@ def get_server(request: Request) -> Server:
 _bearer = HTTPBearer(auto_error=False, description="API key from `skcarrot keys create`, as a Bearer token")
 
 
-def current_key(
+class KeyCache:
+    """Key records by key hash, for a few seconds: most requests then skip a ledger read.
+
+    Only identity and limits are read from a cached record; budgets are always checked
+    and charged in the ledger itself.
+    """
+
+    def __init__(self, ttl_s: float = 2.0, max_size: int = 10_000) -> None:
+        self.ttl_s, self.max_size = ttl_s, max_size
+        self._records: dict[str, tuple[float, KeyRecord]] = {}
+
+    def get(self, digest: str) -> KeyRecord | None:
+        hit = self._records.get(digest)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, digest: str, record: KeyRecord) -> None:
+        if len(self._records) >= self.max_size:
+            self._records.clear()
+        self._records[digest] = (time.monotonic() + self.ttl_s, record)
+
+
+async def current_key(
     server: Annotated[Server, Depends(get_server)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> KeyRecord:
@@ -50,9 +76,13 @@ def current_key(
             "'skcarrot keys create'; never put a key in the URL)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    record = server.ledger.authenticate(credentials.credentials)
+    digest = hash_key(credentials.credentials)
+    record = server.keys.get(digest)
     if record is None:
-        raise ApiError(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        record = await run_in_threadpool(server.ledger.authenticate, credentials.credentials)
+        if record is None:
+            raise ApiError(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        server.keys.put(digest, record)
     return record
 
 
