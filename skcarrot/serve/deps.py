@@ -30,7 +30,11 @@ class Server:
     keys: "KeyCache" = field(default_factory=lambda: KeyCache())
 
 
-def get_server(request: Request) -> Server:
+# Dependencies that do no I/O are ``async``: FastAPI would run a plain ``def`` in the
+# thread pool, a thread hop per request for nothing.
+
+
+async def get_server(request: Request) -> Server:
     return request.app.state.server
 
 
@@ -86,7 +90,7 @@ async def current_key(
     return record
 
 
-def idempotency_key(
+async def idempotency_key(
     value: Annotated[
         str | None,
         Header(
