@@ -5,7 +5,7 @@ black-box door in :mod:`skcarrot.backends`: prompt offsets in, logits out, every
 query counted.
 """
 
-from .backends import BlackBoxVLM, OpenCLIPBackend, QueryCounter, ToyBackend
+from .backends import BlackBoxVLM, HTTPBackend, OpenCLIPBackend, QueryCounter, ToyBackend
 from .classifier import CarrotClassifier
 from .exceptions import QueryBudgetExceededError, WeightsUnavailableError
 
@@ -15,6 +15,7 @@ __all__ = [
     "CarrotClassifier",
     "BlackBoxVLM",
     "OpenCLIPBackend",
+    "HTTPBackend",
     "QueryCounter",
     "ToyBackend",
     "QueryBudgetExceededError",

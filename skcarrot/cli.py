@@ -3,12 +3,16 @@
     skcarrot demo [--budget N] [--shots K] [--seed S] [--out DIR]
     skcarrot bench --root DIR --datasets NAME... --shots K... --seeds S... --methods NAME... --out DIR
     skcarrot bench --list
+    skcarrot serve [--model NAME --pretrained TAG_OR_FILE] [--db URL] [--host 127.0.0.1 --port 8000] [--workers N]
+    skcarrot keys create --name NAME --budget QUERIES [--rate-limit QUERIES_PER_WINDOW] [--db URL]
+    skcarrot keys list [--db URL]
     skcarrot --version
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -49,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="query budget of every fit (default: the paper's, by shots)")
     bench.add_argument("--out", default="bench_output", help="output folder (default bench_output)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_serve_commands(sub)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "keys":
+        return _keys(args, keys_parser=sub.choices["keys"])
     if args.command == "bench":
         from .bench import list_text, run_bench
 
@@ -74,6 +83,105 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(query_budget=args.budget, n_shots=args.shots, random_state=args.seed, out_dir=args.out)
     parser.print_help()
     return 0
+
+
+def _add_serve_commands(sub) -> None:
+    serve = sub.add_parser("serve", help="serve a model behind a metered HTTP API (needs the 'serve' extra)")
+    serve.add_argument("--model", default=None, help="open_clip model name (default: the embedded model)")
+    serve.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file of --model")
+    serve.add_argument("--template", default="a photo of a {}.", help="prompt template (default 'a photo of a {}.')")
+    serve.add_argument("--device", default="auto", help="torch device (default auto)")
+    serve.add_argument("--db", default=None,
+                       help="ledger URL: sqlite:///file.db (default sqlite:///skcarrot-ledger.db, or $SKCARROT_DB) "
+                            "or postgresql://user@host:port/db")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    serve.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    keys = sub.add_parser("keys", help="manage API keys in the ledger")
+    keys_sub = keys.add_subparsers(dest="keys_command")
+    create = keys_sub.add_parser("create", help="create a key and print it (shown once; only its hash is stored)")
+    create.add_argument("--name", required=True, help="unique name of the key's holder")
+    create.add_argument("--budget", type=int, required=True, help="queries (prompts scored) the key may spend")
+    create.add_argument("--rate-limit", type=int, default=None,
+                        help="queries per rate window (default: unlimited; the window is 60 s)")
+    create.add_argument("--db", default=None, help="ledger URL (as for serve)")
+    listing = keys_sub.add_parser("list", help="show each key's name, budget and spending (never the key)")
+    listing.add_argument("--db", default=None, help="ledger URL (as for serve)")
+
+
+def _db_url(arg: str | None) -> str:
+    from .serve.settings import DEFAULT_DB_URL
+
+    return arg or os.environ.get("SKCARROT_DB") or DEFAULT_DB_URL
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .serve.ledger import Ledger
+    except ImportError as exc:
+        print(f"skcarrot serve: error: {exc}; install the extra: pip install 'skcarrot[serve]'", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("skcarrot serve: error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    db = _db_url(args.db)
+    try:
+        Ledger(db).dispose()  # fail here, clearly, rather than in every worker
+    except Exception as exc:  # noqa: BLE001 - any database error is reported the same way
+        print(f"skcarrot serve: error: cannot open the ledger {db!r}: {exc}", file=sys.stderr)
+        return 2
+    # Each worker builds its own app from these (uvicorn --factory), so N workers share the ledger.
+    os.environ["SKCARROT_DB"] = db
+    for name, value in (("SKCARROT_MODEL", args.model), ("SKCARROT_PRETRAINED", args.pretrained),
+                        ("SKCARROT_TEMPLATE", args.template), ("SKCARROT_DEVICE", args.device)):
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if db.startswith("sqlite") and args.workers > 1:
+        print("skcarrot serve: note: several workers on one SQLite file serialise their writes; "
+              "use --db postgresql://... under load", file=sys.stderr)
+    uvicorn.run("skcarrot.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level=args.log_level)
+    return 0
+
+
+def _keys(args, keys_parser) -> int:
+    try:
+        from .serve.ledger import Ledger
+    except ImportError as exc:
+        print(f"skcarrot keys: error: {exc}; install the extra: pip install 'skcarrot[serve]'", file=sys.stderr)
+        return 2
+    if args.keys_command is None:
+        keys_parser.print_help()
+        return 2
+    db = _db_url(args.db)
+    try:
+        ledger = Ledger(db)
+    except Exception as exc:  # noqa: BLE001
+        print(f"skcarrot keys: error: cannot open the ledger {db!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.keys_command == "create":
+            try:
+                _, key = ledger.create_key(args.name, budget=args.budget, rate_limit=args.rate_limit)
+            except ValueError as exc:
+                print(f"skcarrot keys create: error: {exc}", file=sys.stderr)
+                return 2
+            print(key)
+            print(f"created key {args.name!r} with a budget of {args.budget} queries in {db}; it is shown only "
+                  "this once (the ledger keeps its hash): give it to its holder, who sets SKCARROT_API_KEY",
+                  file=sys.stderr)
+            return 0
+        for record in ledger.list_keys():
+            print(f"{record.name}\tbudget={record.budget}\tused={record.prompts_used}\timages={record.images_used}"
+                  f"\trate_limit={record.rate_limit}")
+        return 0
+    finally:
+        ledger.dispose()
 
 
 if __name__ == "__main__":  # pragma: no cover

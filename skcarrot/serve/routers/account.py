@@ -1,0 +1,64 @@
+"""What the model is and what the calling key has spent."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from starlette.concurrency import run_in_threadpool
+
+from ... import __version__
+from ..deps import Server, current_key, get_server
+from ..ledger import KeyRecord
+from ..schemas import ErrorResponse, InfoResponse, UsageResponse
+
+router = APIRouter(prefix="/v1", tags=["account"])
+
+
+@router.get("/info", response_model=InfoResponse, responses={401: {"model": ErrorResponse}},
+            summary="The served model, its context shape and the server's limits")
+async def info(
+    server: Annotated[Server, Depends(get_server)],
+    key: Annotated[KeyRecord, Depends(current_key)],
+) -> InfoResponse:
+    model, s = server.model, server.settings
+    n_ctx, dim = await run_in_threadpool(lambda: model.context_shape)
+    return InfoResponse(
+        model={
+            "id": model.model_id,
+            "name": model.model_name,
+            "pretrained": model.pretrained,
+            "template": model.template,
+            "context_shape": [n_ctx, dim],
+            "text_endpoints": model.text_capable,
+        },
+        limits={
+            "max_body_bytes": s.max_body_bytes,
+            "max_images_per_request": s.max_images_per_request,
+            "max_prompts_per_request": s.max_prompts_per_request,
+            "max_classes": s.max_classes,
+            "max_image_pixels": s.max_image_pixels,
+            "max_class_name_chars": s.max_class_name_chars,
+            "rate_window_s": s.rate_window_s,
+        },
+        version=__version__,
+    )
+
+
+@router.get("/usage", response_model=UsageResponse, responses={401: {"model": ErrorResponse}},
+            summary="Budget and spending of the calling key")
+async def usage(
+    server: Annotated[Server, Depends(get_server)],
+    key: Annotated[KeyRecord, Depends(current_key)],
+) -> UsageResponse:
+    record = await run_in_threadpool(server.ledger.usage, key.id)
+    return UsageResponse(
+        name=record.name,
+        budget=record.budget,
+        prompts_used=record.prompts_used,
+        images_used=record.images_used,
+        requests=record.requests,
+        remaining=record.remaining,
+        rate_limit=record.rate_limit,
+        rate_window_s=server.settings.rate_window_s,
+    )
