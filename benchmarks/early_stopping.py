@@ -18,8 +18,9 @@ from skcarrot.datasets import FASHION_CLASSES, few_shot_split, load_digit_images
 
 SETTINGS = {
     "zero-shot": dict(prompt_tuning=False, refinement=False),
-    "CARROT": dict(),
+    "CARROT": dict(early_stopping=False),
     "CARROT + early stopping (n_iter_no_change=20)": dict(early_stopping=True, n_iter_no_change=20),
+    "CARROT + early stopping (n_iter_no_change=50)": dict(early_stopping=True, n_iter_no_change=50),
     "CARROT + best-on-validation, no stop": dict(early_stopping=True, n_iter_no_change=10**6),
 }
 
@@ -39,11 +40,13 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=int, default=8000)
     parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), help="a subset of the settings")
     args = parser.parse_args()
+    settings = {name: SETTINGS[name] for name in args.settings}
     rows = []
     for seed in args.seeds:
         for dataset, names, (Xtr, ytr, Xte, yte) in datasets(args.n_test, seed):
-            for label, params in SETTINGS.items():
+            for label, params in settings.items():
                 start = time.perf_counter()
                 clf = CarrotClassifier(class_names=names, query_budget=args.budget, random_state=seed, **params)
                 clf.fit(Xtr, ytr)
@@ -58,7 +61,7 @@ def main():
     print("|---|---|---|---|---|")
     for dataset in ("digits", "fashion_mnist"):
         zero = np.mean([r["acc"] for r in rows if r["dataset"] == dataset and r["setting"] == "zero-shot"])
-        for label in SETTINGS:
+        for label in settings:
             accs = np.array([r["acc"] for r in rows if r["dataset"] == dataset and r["setting"] == label])
             queries = np.mean([r["queries"] for r in rows if r["dataset"] == dataset and r["setting"] == label])
             print(f"| {dataset} | {label} | {100 * accs.mean():.1f} ± {100 * accs.std():.1f} | "

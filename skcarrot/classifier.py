@@ -163,17 +163,22 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         Generations (refiner epochs without prompt tuning). None: as many as
         the budget allows; without prompt tuning, the number a full fit with the
         same budget would run, ``query_budget // (popsize + 1)``.
-    early_stopping : bool, default=False
+    early_stopping : bool, default=True
         Hold back ``validation_fraction`` of the shots of each class (at least
         one) and keep the model with the lowest cross-entropy on them, the
         starting model (zero-shot: hand-written prompt, identity refiner)
         included; stop when the validation loss has not improved for
         ``n_iter_no_change`` generations. Costs one query per generation plus
-        one for the start.
+        one for the start. On by default: measured on digits and Fashion-MNIST
+        (see the benchmarks), it never lost against the last generation and
+        falls back to zero-shot where fitting only hurts. False gives the
+        paper's protocol (the model after the last generation), which the
+        dataset presets use.
     validation_fraction : float, default=0.1
         Fraction of each class's shots held back when ``early_stopping``.
-    n_iter_no_change : int, default=20
-        Generations without improvement before stopping.
+    n_iter_no_change : int, default=50
+        Generations without improvement before stopping (20 stopped digits
+        fits too early in the measurements).
     tol : float, default=1e-4
         The least drop of validation loss that counts as an improvement.
     checkpoint : str, path or None, default=None
@@ -323,9 +328,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         prompt_tuning=True,
         refinement=True,
         max_iter=None,
-        early_stopping=False,
+        early_stopping=True,
         validation_fraction=0.1,
-        n_iter_no_change=20,
+        n_iter_no_change=50,
         tol=1e-4,
         checkpoint=None,
         checkpoint_every=10,

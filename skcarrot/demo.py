@@ -71,7 +71,7 @@ def run_demo(
     --------
     >>> import tempfile
     >>> from skcarrot.demo import run_demo
-    >>> run_demo(query_budget=41, n_shots=2, out_dir=tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    >>> run_demo(query_budget=43, n_shots=2, out_dir=tempfile.mkdtemp())  # doctest: +ELLIPSIS
     model: the embedded skcarrot-micro-clip
     ...
     0

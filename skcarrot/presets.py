@@ -37,6 +37,8 @@ _COMMON = {
     "batch_size": 256,
     "augmentation": "crop+flip",
     "fresh_views": True,
+    # The paper reports the model after the last generation, with no validation shots held back.
+    "early_stopping": False,
 }
 
 #: Projection std of the ImageNet script: torch's default Linear init for 512 inputs.

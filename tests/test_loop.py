@@ -176,7 +176,7 @@ def test_fit_with_an_int_seed_leaves_numpys_global_state_alone(digits):
     Xtr, ytr, _, _ = digits
     np.random.seed(1234)
     before = np.random.get_state()
-    CarrotClassifier(backend=ToyBackend(), early_stopping=True, fresh_views=True, **FAST).fit(Xtr, ytr)
+    CarrotClassifier(backend=ToyBackend(), **dict(FAST, early_stopping=True, fresh_views=True)).fit(Xtr, ytr)
     after = np.random.get_state()
     assert before[0] == after[0] and np.array_equal(before[1], after[1]) and before[2:] == after[2:]
 
@@ -242,7 +242,7 @@ def test_a_failed_or_interrupted_fit_leaves_the_previous_model_untouched(digits,
 def test_early_stopping_holds_back_shots_and_counts_validation_queries(digits):
     Xtr, ytr, _, _ = digits
     box = StrictBackend()
-    clf = CarrotClassifier(backend=box, early_stopping=True, validation_fraction=0.1, n_iter_no_change=3, **FAST)
+    clf = CarrotClassifier(backend=box, **dict(FAST, early_stopping=True, validation_fraction=0.1, n_iter_no_change=3))
     clf.fit(Xtr, ytr)
     assert clf.n_queries_ == scored(box) <= FAST["query_budget"]
     assert clf.n_queries_by_purpose_["validation"] == 1 + clf.n_iter_  # the start, then one per generation
@@ -261,9 +261,10 @@ def test_a_fit_that_only_hurts_falls_back_to_zero_shot(digits):
     # A refiner with a huge learning rate destroys the predictions it refines.
     params = dict(FAST, learning_rate=50.0, hidden_dim=64)
     zero_shot = CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, refinement=False).fit(Xtr, ytr)
-    hurt = CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, **params).fit(Xtr, ytr)
+    assert CarrotClassifier().early_stopping  # on by default
+    hurt = CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, **dict(params, early_stopping=False)).fit(Xtr, ytr)
     assert hurt.score(Xte, digits[3]) < zero_shot.score(Xte, digits[3])
-    saved = CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, early_stopping=True, **params).fit(Xtr, ytr)
+    saved = CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, **dict(params, early_stopping=True)).fit(Xtr, ytr)
     assert saved.best_generation_ == 0 and saved.refiner_weights_ is None
     np.testing.assert_allclose(saved.predict_proba(Xte), zero_shot.predict_proba(Xte))
 

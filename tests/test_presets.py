@@ -43,6 +43,7 @@ def test_preset_matches_the_official_values(dataset):
     assert (p["popsize"], p["intrinsic_dim"], p["learning_rate"]) == (40, 512, 1e-3)
     # RandomResizedCrop(scale 0.5-1) + horizontal flip, drawn fresh every epoch
     assert p["augmentation"] == "crop+flip" and p["fresh_views"] is True
+    assert p["early_stopping"] is False  # the paper reports the last generation
     budgets = OFFICIAL_BUDGETS.get(dataset, OFFICIAL_BUDGETS["default"])
     for shots, budget in budgets.items():
         assert budget_for_shots(shots, dataset) == budget == preset_params(dataset, shots)["query_budget"]

@@ -191,7 +191,8 @@ def test_carrot_classifier_fits_end_to_end_through_the_endpoint(digits, monkeypa
     with ZeroShotServer() as server:
         door = ZeroShotHTTPBackend(server.url, max_concurrency=8, max_labels=6)
         clf = CarrotClassifier(backend=door, class_names=list(DIGIT_WORDS[:3]), query_budget=16, popsize=4,
-                               vocabulary=["circle", "stick", "swan", "snake", "egg", "hook"], random_state=0)
+                               vocabulary=["circle", "stick", "swan", "snake", "egg", "hook"], random_state=0,
+                               early_stopping=False)
         clf.fit(train, y_train)
         fit_calls = server.calls
         proba = clf.predict_proba(train)
