@@ -425,9 +425,13 @@ class CollaborativeLoop:
         """The model the fit ends with: the best on validation when there is one, else the last."""
         return self.best if self.best is not None else self.current_snapshot()
 
-    def should_stop(self, n_iter_no_change: int) -> bool:
-        """Early stopping: validation has not improved for ``n_iter_no_change`` generations."""
-        return self.validation is not None and self.n_no_improvement >= n_iter_no_change
+    def should_stop(self, n_iter_no_change: int | None) -> bool:
+        """Early stopping: validation has not improved for ``n_iter_no_change`` generations (None: never)."""
+        return (
+            self.validation is not None
+            and n_iter_no_change is not None
+            and self.n_no_improvement >= n_iter_no_change
+        )
 
     # ------------------------------------------------------------ checkpoints
     _COUNTS = ("n_queries", "n_images_scored", "n_pairs_scored", "by_purpose", "images_by_purpose")
