@@ -169,9 +169,10 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         starting model (zero-shot: hand-written prompt, identity refiner)
         included; with ``n_iter_no_change`` set, stop when the validation loss
         has not improved for that many generations. Costs one query per generation plus
-        one for the start. On by default: measured on digits and Fashion-MNIST
-        (see the benchmarks), it never lost against the last generation and
-        falls back to zero-shot where fitting only hurts. False gives the
+        one for the start. On by default, from measurements (3 seeds, see the
+        benchmarks): on digits it keeps 90.2% against 89.6% for the last
+        generation, and on Fashion-MNIST, where fitting only hurts (78.7%), it
+        falls back to zero-shot's 82%. False gives the
         paper's protocol (the model after the last generation), which the
         dataset presets use.
     validation_fraction : float, default=0.1
@@ -182,7 +183,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         default is measured: on digits the validation loss can rise for 50
         generations before the best model comes (a patience of 20 or 50 lost
         up to 12 points on one seed), while keeping the best over the whole
-        budget never lost against the last generation.
+        budget stayed within 0.3 points of the last generation on every seed.
     tol : float, default=1e-4
         The least drop of validation loss that counts as an improvement.
     checkpoint : str, path or None, default=None
