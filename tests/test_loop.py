@@ -261,7 +261,7 @@ def test_a_fit_that_only_hurts_falls_back_to_zero_shot(digits):
     # A refiner with a huge learning rate destroys the predictions it refines.
     params = dict(FAST, learning_rate=50.0, hidden_dim=64)
     zero_shot = CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, refinement=False).fit(Xtr, ytr)
-    assert CarrotClassifier().early_stopping  # on by default
+    assert CarrotClassifier().early_stopping == "auto"  # on for the embedding door
     hurt = CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, **dict(params, early_stopping=False)).fit(Xtr, ytr)
     assert hurt.score(Xte, digits[3]) < zero_shot.score(Xte, digits[3])
     saved = CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, **dict(params, early_stopping=True)).fit(Xtr, ytr)
