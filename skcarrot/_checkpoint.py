@@ -69,7 +69,10 @@ def write_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None when there is none; refuses one written by another fit."""
+    """The checkpoint at ``path``, or None when there is none (or it is another fit's finished run).
+
+    An unfinished checkpoint written by another fit is refused.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         return None
@@ -81,6 +84,8 @@ def read_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict[
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise ValueError(f"{path!r} is not a skcarrot checkpoint of this version; delete it to start afresh")
     if state.get("fingerprint") != expected_fingerprint:
+        if state.get("finished"):
+            return None  # a finished run of another fit: nothing to resume, the new fit replaces it
         raise ValueError(
             f"checkpoint {path!r} was written by a fit with other images, labels or parameters; "
             "pass another checkpoint path, or delete this one to start afresh"

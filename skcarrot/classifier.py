@@ -195,8 +195,12 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         atomically. When the file exists as ``fit`` starts, the fit resumes
         from it, on the same trajectory: a fit interrupted (a lost network, a
         killed process) and resumed ends with the same model, and the same
-        ``n_queries_``, as one that never stopped. A checkpoint written by a
-        fit with other images, labels or parameters is refused. The file is a
+        ``n_queries_``, as one that never stopped. An unfinished checkpoint
+        written by a fit with other images, labels or parameters is refused; a
+        finished one is replaced. The backend is not part of the comparison,
+        so a fit resumes against a restarted server on another address; an
+        int ``random_state`` makes the comparison exact. Use one file per fit
+        (not one shared by the folds of a parallel search). The file is a
         pickle: load only checkpoints you wrote.
     checkpoint_every : int, default=10
         Generations between checkpoints.
@@ -253,8 +257,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     n_iter_ : int
         Generations run, over all warm-started fits.
     best_generation_ : int
-        Generation of the model kept (0: the starting model); the last one
-        without early stopping.
+        Generation of the model kept: the generation the fit started from (0
+        on a fresh fit: zero-shot) when nothing beat it; the last one without
+        early stopping.
     validation_score_ : float or None
         Validation accuracy of the kept model (None without early stopping).
     validation_loss_ : float or None
@@ -445,6 +450,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             skip = {"backend", "verbose", "checkpoint", "checkpoint_every", "warm_start"}
             params = {k: v for k, v in self.get_params(deep=False).items() if k not in skip}
             params["warm_from"] = self.n_iter_ if warm else None
+            params["classes"] = classes.tolist()
             run_id = fingerprint(images, y_idx, params)
             saved = read_checkpoint(self.checkpoint, run_id)
         if saved is None:
@@ -454,7 +460,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         if self.checkpoint is not None:
             run["fingerprint"] = run_id
         self._run(loop, run)
-        self._store(loop, door, classes, names, run["history"], run["seeds"], X)
+        self._store(loop, door, classes, names, run, X)
         self.fit_time_ = time.perf_counter() - start_time
         return self
 
@@ -465,7 +471,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         seeds = {name: int(rng.randint(1, _SEED_MAX)) for name in ("projection", "cma", "torch", "loop")}
         search = self._prompt_search(backend, door, names, popsize, warm, seeds)
         early_stopping = self.early_stopping if self.early_stopping != "auto" else door == "embedding"
-        use_validation = early_stopping and (self.prompt_tuning or self.refinement)
+        # Validation needs a class with a shot to spare: with one image per class there is none.
+        spare = np.bincount(y_idx).max() >= 2
+        use_validation = early_stopping and spare and (self.prompt_tuning or self.refinement)
         screening = 0
         if door == "text" and search is not None and not search.search.screened_:
             screening = search.search.n_screening_queries()
@@ -487,6 +495,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             "generation0": loop.generation,
             "history": list(self.history_) if warm else [],
             "base_queries": self.history_[-1]["queries"] if warm and self.history_ else 0,
+            "warm": warm,
         }
         return loop, run
 
@@ -505,13 +514,15 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         loop = CollaborativeLoop(
             door=gate, images=[], y=np.zeros(0, dtype=int), search=None, refiner=refiner, optimizer=optimizer,
             views=None, rng=np.random.RandomState(), consistency_weight=self.consistency_weight, kl_until=0.0,
-            batch_size=self.batch_size, prompt=None, z=None,
+            batch_size=self.batch_size, prompt=None, z=None, tol=self.tol,
         )
         loop.restore(saved["loop"])
         return loop, saved["run"]
 
     def _prompt_search(self, backend, door, names, popsize, warm, seeds):
         """The prompt generation module of this door, started where a warm start says."""
+        if warm and self.prompt_z_ is not None:
+            seeds["projection"] = self._projection_seed  # the same A, so the old z keeps its meaning
         if not self.prompt_tuning:
             return None
         if door == "text":
@@ -537,7 +548,6 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         x0 = None
         if warm and self.prompt_z_ is not None and len(self.prompt_z_) == self.intrinsic_dim:
             x0 = self.prompt_z_
-            seeds["projection"] = self._projection_seed  # the same A, so the old z keeps its meaning
         return EmbeddingPrompts(PromptSearch(
             context_shape, self.intrinsic_dim, self.projection_std, self.sigma, popsize, self.bound,
             projection_seed=seeds["projection"], cma_seed=seeds["cma"], x0=x0,
@@ -586,7 +596,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             generation0 = 0
             kl_until = np.inf if self.consistency_fraction >= 1 else self.consistency_fraction * n_generations
         if search is not None and z is None:
-            prompt, z = search.current()
+            current_prompt, z = search.current()
+            if not warm:  # a warm start keeps the prompt it learned
+                prompt = current_prompt
 
         loop = CollaborativeLoop(
             door=gate, images=images, y=y_idx, search=search, refiner=refiner,
@@ -639,12 +651,13 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             if loop.should_stop(self.n_iter_no_change) and self.verbose:
                 print(f"Validation loss did not improve for {self.n_iter_no_change} generations; stopped.")
             if self.checkpoint is not None:
-                self._save(run, loop)
+                self._save(run, loop, finished=True)
         finally:
             bar.close()
 
-    def _save(self, run: dict, loop: CollaborativeLoop) -> None:
-        write_checkpoint(self.checkpoint, {"fingerprint": run["fingerprint"], "run": run, "loop": loop.state()})
+    def _save(self, run: dict, loop: CollaborativeLoop, finished: bool = False) -> None:
+        write_checkpoint(self.checkpoint, {"fingerprint": run["fingerprint"], "finished": finished, "run": run,
+                                           "loop": loop.state()})
 
     def _report(self, record: dict, bar, by_query: bool, loop: CollaborativeLoop) -> None:
         """Progress bar, verbose line and log record of one generation, together."""
@@ -660,7 +673,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             print(line)
         logger.debug(line)
 
-    def _store(self, loop: CollaborativeLoop, door, classes, names, history, seeds, X) -> None:
+    def _store(self, loop: CollaborativeLoop, door, classes, names, run, X) -> None:
         """Write every fitted attribute, and only here: a fit that fails leaves the old model intact."""
         result = loop.result()
         counter = loop.counter
@@ -673,13 +686,17 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             self.prompt_z_ = None
             self._projection_seed = None
             search = loop.search.search if loop.search is not None else None
-            self.prompt_candidates_ = None if search is None else [list(c) for c in search.candidates_]
-            self._text_logits = None if search is None else [theta.copy() for theta in search.logits_]
+            if search is not None:
+                self.prompt_candidates_ = [list(c) for c in search.candidates_]
+                self._text_logits = [theta.copy() for theta in search.logits_]
+            elif not run["warm"]:
+                self.prompt_candidates_ = self._text_logits = None
+            # else: a warm fit without prompt tuning keeps the search it had
         else:
             self.prompt_ = None
             self.prompt_offset_ = np.asarray(result.prompt, dtype=np.float32).copy()
             self.prompt_z_ = None if result.z is None else np.asarray(result.z, dtype=np.float64)
-            self._projection_seed = seeds["projection"] if result.z is not None else None
+            self._projection_seed = run["seeds"]["projection"] if result.z is not None else None
             self.prompt_candidates_ = None
             self._text_logits = None
         self.refiner_weights_ = result.refiner_weights
@@ -691,7 +708,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             purpose: counter.by_purpose.get(purpose, 0) for purpose in ("screen", "prompt", "refiner", "validation")
         }
         self.n_images_scored_ = counter.n_images_scored
-        self.history_ = history
+        self.history_ = run["history"]
         self.n_iter_ = loop.generation
         self._kl_until = loop.kl_until
         width = flat_width(X)

@@ -105,9 +105,11 @@ def _pil_to_rgb(img: Image.Image, where: str) -> Image.Image:
     # PIL's own convert clips 16-bit and float modes at 255: read them by their range instead.
     if img.mode.startswith("I;16"):
         return _array_to_pil(np.asarray(img).astype(np.uint16), where, (0.0, 65535.0))
-    if img.mode == "I":  # 32-bit integers: 16-bit files on some platforms
+    if img.mode == "I":
         arr = np.asarray(img)
-        if arr.size and arr.min() >= 0 and arr.max() <= 65535:
+        # 16-bit PNG and TIFF files open as 32-bit integers on some platforms; an image made
+        # in memory (convert("I"), fromarray of int32) is read by its values, as its array is.
+        if img.format in ("PNG", "TIFF") and arr.size and arr.min() >= 0 and arr.max() <= 65535:
             return _array_to_pil(arr.astype(np.uint16), where, (0.0, 65535.0))
         return _array_to_pil(arr, where)
     if img.mode == "F":
@@ -150,8 +152,13 @@ def to_pil_images(X: Any, image_range: tuple[float, float] | None = None) -> lis
         Either a sequence of images, each a file path, a :class:`PIL.Image.Image`
         or an ``HxW`` / ``HxWxC`` array, or one array of shape ``(N, H, W)`` or
         ``(N, H, W, C)``. A 2-D array ``(N, F)`` is read as ``N`` images of one
-        row of ``F`` pixels. Integer arrays are 0-255 intensities; float arrays
-        are intensities in [0, 1] (values outside are clipped, with a warning).
+        row of ``F`` pixels. Each format is read by its true range: uint8
+        0-255, uint16 (and 16-bit files and PIL ``I;16`` images) 0-65535, bool
+        0/1; other integer and float arrays by their values, intensities in
+        [0, 1] or 0-255, judged over the whole batch (see
+        :func:`intensity_scale`). An ambiguous range (negative values, a
+        maximum above 255, or a maximum such as 16 that is neither 1 nor near
+        255) raises and says how to pass it.
 
     Returns
     -------
@@ -209,6 +216,8 @@ def to_pil_images(X: Any, image_range: tuple[float, float] | None = None) -> lis
             raise ValueError(
                 f"expected a sequence of images, got {type(X).__name__}"
             ) from exc
+        if value_range is None:
+            value_range = _list_scale(items)
     if len(items) == 0:
         raise ValueError("expected at least one image, got an empty batch")
     return [_one_to_pil(item, i, value_range) for i, item in enumerate(items)]
@@ -220,6 +229,26 @@ def _batch_scale(X: np.ndarray) -> float:
         return intensity_scale(X, "X")
     except ValueError:
         for i, image in enumerate(X):  # name the first image at fault when one is
+            if image.dtype.kind == "f" and not np.all(np.isfinite(image)) or image.min() < 0:
+                intensity_scale(image, f"image {i}")
+        raise
+
+
+def _list_scale(items: list) -> tuple[float, float] | None:
+    # A list of numeric arrays of one dtype is one batch too: read it once, like a stacked array.
+    arrays = [item for item in items if isinstance(item, np.ndarray)]
+    if len(arrays) != len(items) or not arrays or len({a.dtype for a in arrays}) != 1:
+        return None
+    dtype = arrays[0].dtype
+    if not (np.issubdtype(dtype, np.number) or dtype == bool) or np.issubdtype(dtype, np.complexfloating):
+        return None
+    if any(a.size == 0 for a in arrays):
+        return None
+    flat = np.concatenate([a.ravel() for a in arrays])
+    try:
+        return (0.0, intensity_scale(flat, "X"))
+    except ValueError:
+        for i, image in enumerate(arrays):  # name the first image at fault when one is
             if image.dtype.kind == "f" and not np.all(np.isfinite(image)) or image.min() < 0:
                 intensity_scale(image, f"image {i}")
         raise

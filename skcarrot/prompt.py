@@ -8,6 +8,8 @@ at a time. The black box adds the offset to its own context embeddings ``p0``.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 
 import numpy as np
@@ -20,10 +22,16 @@ with warnings.catch_warnings():  # cma warns at import when matplotlib is absent
 __all__ = ["PromptSearch", "projection_matrix"]
 
 
+_BLAS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
 def _one_blas_thread():
     # CMA-ES decomposes a d x d covariance every few generations (d = 512): one BLAS thread
     # does it in tens of milliseconds, while threads that spin on a busy machine take seconds.
-    return threadpool_limits(limits=1, user_api="blas")
+    # The limit is process-wide, so concurrent fits take turns to set and restore it.
+    with _BLAS_LOCK, threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def projection_matrix(

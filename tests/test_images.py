@@ -60,9 +60,15 @@ def test_every_format_is_read_by_its_true_range(tmp_path):
 
 
 def test_a_dark_image_in_a_0_255_batch_is_not_brightened():
-    batch = np.stack([np.full((2, 2), 200.0), np.full((2, 2), 1.0)])
-    dark = to_pil_images(batch)[1]
-    assert np.asarray(dark)[0, 0, 0] == 1
+    images = [np.full((2, 2), 200.0), np.full((2, 2), 1.0)]
+    for batch in (np.stack(images), images):  # an array or a list of arrays: one reading
+        dark = to_pil_images(batch)[1]
+        assert np.asarray(dark)[0, 0, 0] == 1
+
+
+def test_an_in_memory_32_bit_pil_image_is_read_by_its_values():
+    img = Image.new("L", (2, 2), 200).convert("I")
+    assert np.asarray(to_pil_images([img])[0])[0, 0, 0] == 200
 
 
 @pytest.mark.parametrize(

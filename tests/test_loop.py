@@ -300,11 +300,43 @@ def test_an_interrupted_fit_resumes_on_the_same_trajectory(digits, tmp_path, par
 def test_a_checkpoint_of_another_fit_is_refused(digits, tmp_path):
     Xtr, ytr, _, _ = digits
     path = tmp_path / "fit.ckpt"
-    CarrotClassifier(backend=ToyBackend(), checkpoint=path, max_iter=2, **FAST).fit(Xtr, ytr)
+    with pytest.raises(ConnectionError):  # an unfinished run
+        CarrotClassifier(backend=FailingBackend(fail_at=5), checkpoint=path, checkpoint_every=1, **FAST).fit(Xtr, ytr)
     with pytest.raises(ValueError, match="written by a fit with other images, labels or parameters"):
-        CarrotClassifier(backend=ToyBackend(), checkpoint=path, max_iter=2, **dict(FAST, popsize=6)).fit(Xtr, ytr)
+        CarrotClassifier(backend=ToyBackend(), checkpoint=path, **dict(FAST, popsize=6)).fit(Xtr, ytr)
     with pytest.raises(ValueError, match="written by a fit with other images"):
-        CarrotClassifier(backend=ToyBackend(), checkpoint=path, max_iter=2, **FAST).fit(Xtr[::-1], ytr[::-1])
+        CarrotClassifier(backend=ToyBackend(), checkpoint=path, **FAST).fit(Xtr[::-1], ytr[::-1])
+    with pytest.raises(ValueError, match="written by a fit with other images"):  # the same indices, other labels
+        CarrotClassifier(backend=ToyBackend(), checkpoint=path, **FAST).fit(Xtr, ytr + 10)
     path.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="can not be read"):
         CarrotClassifier(backend=ToyBackend(), checkpoint=path, **FAST).fit(Xtr, ytr)
+
+
+def test_a_finished_checkpoint_is_replaced_by_the_next_fit(digits, tmp_path):
+    Xtr, ytr, Xte, _ = digits
+    path = tmp_path / "fit.ckpt"
+    clf = CarrotClassifier(backend=ToyBackend(), checkpoint=path, warm_start=True, **dict(FAST, max_iter=3))
+    clf.fit(Xtr, ytr)
+    clf.fit(Xtr, ytr)  # a warm continuation is another fit: it starts afresh from the model
+    assert clf.n_iter_ == 6
+    other = CarrotClassifier(backend=ToyBackend(), checkpoint=path, **dict(FAST, popsize=6, max_iter=2)).fit(Xtr, ytr)
+    assert other.n_iter_ == 2
+
+
+def test_one_shot_per_class_fits_with_the_default_early_stopping(digits):
+    Xtr, ytr, Xte, _ = digits
+    first = np.array([np.flatnonzero(ytr == c)[0] for c in np.unique(ytr)])
+    clf = CarrotClassifier(backend=ToyBackend(), **dict(FAST, early_stopping="auto")).fit(Xtr[first], ytr[first])
+    assert clf.validation_score_ is None and clf.n_queries_by_purpose_["validation"] == 0
+    assert clf.predict(Xte).shape == (len(Xte),)
+
+
+def test_warm_start_without_prompt_tuning_keeps_the_projection(digits):
+    Xtr, ytr, _, _ = digits
+    clf = CarrotClassifier(backend=ToyBackend(), warm_start=True, **dict(FAST, random_state=None, max_iter=2))
+    clf.fit(Xtr, ytr)
+    seed, z = clf._projection_seed, clf.prompt_z_.copy()
+    clf.set_params(prompt_tuning=False).fit(Xtr, ytr)
+    assert clf._projection_seed == seed
+    np.testing.assert_array_equal(clf.prompt_z_, z)

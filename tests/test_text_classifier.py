@@ -88,8 +88,10 @@ def test_warm_start_keeps_the_door_and_the_candidates(split):
     Xtr, ytr, _, _ = split
     clf = CarrotClassifier(backend=OpenCLIPTextBackend(), query_budget=40, popsize=4, warm_start=True,
                            random_state=0).fit(Xtr, ytr)
-    candidates = clf.prompt_candidates_
-    clf.fit(Xtr, ytr)
+    candidates, prompt = clf.prompt_candidates_, clf.prompt_
+    clf.set_params(prompt_tuning=False).fit(Xtr, ytr)  # the refiner moves, the learned prompt stays
+    assert clf.prompt_ == prompt
+    clf.set_params(prompt_tuning=True).fit(Xtr, ytr)
     assert clf.prompt_candidates_ == candidates
     assert clf.n_queries_by_purpose_["screen"] == 0  # no second screening
     clf.set_params(backend=None)
