@@ -83,10 +83,10 @@ def main():
         names = list(ROWS)
         means = [np.mean([row[0] for row in results[n]]) for n in names]
         stds = [np.std([row[0] for row in results[n]]) for n in names]
-        fig, ax = plt.subplots(figsize=(7, 3.2))
+        fig, ax = plt.subplots(figsize=(8, 3.4))
         ax.barh(names[::-1], means[::-1], xerr=stds[::-1], color=["#4c72b0"] + ["#dd8452"] * 4)
         ax.set_xlim(60, 95)
-        ax.set_xlabel("held-out accuracy on sklearn digits (%), 16 shots, mean ± std over seeds")
+        ax.set_xlabel("held-out accuracy (%), sklearn digits, 16 shots, mean ± std")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"chart written to {args.plot}")
