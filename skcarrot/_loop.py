@@ -69,7 +69,7 @@ class ViewPool:
 
     def epoch_views(self, rng: np.random.RandomState) -> list:
         """One view of each image, drawn from the pool."""
-        pick = rng.randint(0, self.n_views, size=len(self.views[0]))
+        pick = self.pick(rng, len(self.views[0]))
         return [self.views[v][i] for i, v in enumerate(pick)]
 
     def pick(self, rng: np.random.RandomState, n_images: int) -> np.ndarray:

@@ -499,18 +499,26 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         }
         return loop, run
 
-    def _resume(self, backend, door, budget, names, saved):
-        """The run a checkpoint describes, its loop restored to the generation it was written at."""
+    @staticmethod
+    def _gate(backend, door, budget, names):
+        """The door of this fit, behind a query counter holding its budget."""
         if door == "text":
             from .backends.text import TextQueryCounter
 
-            gate = TextDoor(TextQueryCounter(backend, budget=budget))
-        else:
-            gate = EmbeddingDoor(QueryCounter(backend, budget=budget), names)
-        refiner = optimizer = None
-        if self.refinement:
-            refiner = ResidualRefiner(len(names), self.hidden_dim, torch.Generator())
-            optimizer = torch.optim.Adam(refiner.parameters(), lr=self.learning_rate)
+            return TextDoor(TextQueryCounter(backend, budget=budget))
+        return EmbeddingDoor(QueryCounter(backend, budget=budget), names)
+
+    def _refiner(self, n_classes, seed):
+        """A new refiner and its optimizer, or ``(None, None)`` without refinement."""
+        if not self.refinement:
+            return None, None
+        refiner = ResidualRefiner(n_classes, self.hidden_dim, torch.Generator().manual_seed(seed))
+        return refiner, torch.optim.Adam(refiner.parameters(), lr=self.learning_rate)
+
+    def _resume(self, backend, door, budget, names, saved):
+        """The run a checkpoint describes, its loop restored to the generation it was written at."""
+        gate = self._gate(backend, door, budget, names)
+        refiner, optimizer = self._refiner(len(names), saved["run"]["seeds"]["torch"])  # weights restored below
         loop = CollaborativeLoop(
             door=gate, images=[], y=np.zeros(0, dtype=int), search=None, refiner=refiner, optimizer=optimizer,
             views=None, rng=np.random.RandomState(), consistency_weight=self.consistency_weight, kl_until=0.0,
@@ -556,14 +564,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     def _initial_state(self, backend, door, search, budget, images, y_idx, names, warm, use_validation,
                        n_generations, seeds):
         """Every warm-start rule in one place: the loop's state at generation 0 of this call."""
-        if door == "text":
-            from .backends.text import TextQueryCounter
-
-            gate = TextDoor(TextQueryCounter(backend, budget=budget))
-        else:
-            gate = EmbeddingDoor(QueryCounter(backend, budget=budget), names)
-            if warm and tuple(self.prompt_offset_.shape) != gate.counter.context_shape:
-                raise ValueError("warm_start can not change the backend's context shape")
+        gate = self._gate(backend, door, budget, names)
+        if door == "embedding" and warm and tuple(self.prompt_offset_.shape) != gate.counter.context_shape:
+            raise ValueError("warm_start can not change the backend's context shape")
         loop_rng = np.random.RandomState(seeds["loop"])
 
         validation = None
@@ -574,13 +577,12 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         if door == "text" and search is not None and not search.search.screened_:
             search.search.screen(gate.counter, images, y_idx)
 
-        refiner = optimizer = views = None
-        if self.refinement:
-            refiner = ResidualRefiner(len(names), self.hidden_dim, torch.Generator().manual_seed(seeds["torch"]))
+        refiner, optimizer = self._refiner(len(names), seeds["torch"])
+        views = None
+        if refiner is not None:
             if warm and self.refiner_weights_ is not None:
                 refiner.set_weights(self.refiner_weights_)
             refiner.eval()
-            optimizer = torch.optim.Adam(refiner.parameters(), lr=self.learning_rate)
             if self.fresh_views:
                 views = FreshViews(images, self.augmentation)
             else:

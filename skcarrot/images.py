@@ -208,7 +208,7 @@ def to_pil_images(X: Any, image_range: tuple[float, float] | None = None) -> lis
         items: Sequence[Any] = list(X)
         numeric = np.issubdtype(X.dtype, np.number) or X.dtype == bool
         if value_range is None and X.size and numeric and not np.issubdtype(X.dtype, np.complexfloating):
-            value_range = (0.0, _batch_scale(X))
+            value_range = (0.0, _batch_scale(X, X))
     else:
         try:
             items = list(X)
@@ -223,12 +223,12 @@ def to_pil_images(X: Any, image_range: tuple[float, float] | None = None) -> lis
     return [_one_to_pil(item, i, value_range) for i, item in enumerate(items)]
 
 
-def _batch_scale(X: np.ndarray) -> float:
+def _batch_scale(images, values: np.ndarray) -> float:
     # One reading for the whole batch, so a dark image of a 0-255 batch is not read as [0, 1].
     try:
-        return intensity_scale(X, "X")
+        return intensity_scale(values, "X")
     except ValueError:
-        for i, image in enumerate(X):  # name the first image at fault when one is
+        for i, image in enumerate(images):  # name the first image at fault when one is
             if image.dtype.kind == "f" and not np.all(np.isfinite(image)) or image.min() < 0:
                 intensity_scale(image, f"image {i}")
         raise
@@ -244,14 +244,7 @@ def _list_scale(items: list) -> tuple[float, float] | None:
         return None
     if any(a.size == 0 for a in arrays):
         return None
-    flat = np.concatenate([a.ravel() for a in arrays])
-    try:
-        return (0.0, intensity_scale(flat, "X"))
-    except ValueError:
-        for i, image in enumerate(arrays):  # name the first image at fault when one is
-            if image.dtype.kind == "f" and not np.all(np.isfinite(image)) or image.min() < 0:
-                intensity_scale(image, f"image {i}")
-        raise
+    return (0.0, _batch_scale(arrays, np.concatenate([a.ravel() for a in arrays])))
 
 
 def _as_batch(X: Any) -> Any:

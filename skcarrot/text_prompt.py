@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils import check_random_state
 
+from ._validation import softmax
 from .backends.text import log_probabilities
 
 __all__ = [
@@ -106,11 +107,6 @@ def cross_entropy_fitness(log_probs: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
     m = z.max(axis=axis, keepdims=True)
     return (m + np.log(np.exp(z - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
-def _softmax(theta: np.ndarray) -> np.ndarray:
-    e = np.exp(theta - theta.max())
-    return e / e.sum()
 
 
 def coordinate_losses(base: np.ndarray, candidates: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
@@ -348,7 +344,7 @@ class TextPromptSearch:
         """Sample ``popsize`` prompt sets: choice indices ``(popsize, n_slots)``."""
         slots = self._slots()
         return np.stack(
-            [self.rng.choice(len(theta), size=self.popsize, p=_softmax(theta)) for theta in slots], axis=1
+            [self.rng.choice(len(theta), size=self.popsize, p=softmax(theta)) for theta in slots], axis=1
         )
 
     def prompt_sets(self, choices: np.ndarray) -> list[list[str]]:
@@ -376,7 +372,7 @@ class TextPromptSearch:
             return  # no signal: every sample scored the same
         advantage = (fitness - fitness.mean()) / spread
         for s, theta in enumerate(self._slots()):
-            probs = _softmax(theta)
+            probs = softmax(theta)
             onehot = np.eye(len(theta))[choices[:, s]]
             gradient = (advantage[:, None] * (onehot - probs)).sum(axis=0) / (len(fitness) - 1)
             theta -= self.learning_rate * gradient
