@@ -16,7 +16,7 @@ import numpy as np
 
 from skcarrot import CarrotClassifier
 from skcarrot.backends import OpenCLIPTextBackend
-from skcarrot.backends.text import log_probabilities
+from skcarrot.backends._base import log_probabilities
 from skcarrot.datasets import few_shot_split, load_digit_images
 
 

@@ -2,7 +2,7 @@
 
 - training sets: :func:`check_images_and_labels`, :func:`resolve_class_names`;
 - what crosses the door: :func:`check_backend`, :func:`check_offsets`, :func:`check_logits`;
-- :func:`softmax` and :class:`ImageClassifierMixin`.
+- :class:`ImageClassifierMixin`; :func:`softmax` is :func:`skcarrot._math.softmax`, re-exported.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import numpy as np
 from sklearn.base import ClassifierMixin
 from sklearn.utils import column_or_1d
 from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted
 
+from ._math import softmax
 from .images import to_pil_images
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "check_backend",
     "check_images_and_labels",
     "check_logits",
+    "check_method",
     "check_offsets",
     "resolve_class_names",
     "softmax",
@@ -30,22 +33,6 @@ __all__ = [
 
 #: Largest magnitude a logit may have: the refiner and the losses work in float32.
 LOGIT_LIMIT = float(np.finfo(np.float32).max) / 16
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax over the last axis, stable for large logits.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from skcarrot._validation import softmax
-    >>> softmax(np.array([[0.0, 0.0], [1000.0, 0.0]])).round(3)
-    array([[0.5, 0.5],
-           [1. , 0. ]])
-    """
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def check_images_and_labels(X, y, image_range=None) -> tuple[list, np.ndarray, np.ndarray]:
@@ -123,8 +110,28 @@ def resolve_class_names(names, classes: np.ndarray) -> list[str]:
     return resolved
 
 
+def check_method(backend: Any, name: str, signature: str, missing: str) -> None:
+    """Refuse a backend whose member ``name`` is absent (``missing`` says so) or not callable.
+
+    Examples
+    --------
+    >>> from skcarrot._validation import check_method
+    >>> check_method(object(), "logits", "logits(images)", "no logits")
+    Traceback (most recent call last):
+    ...
+    TypeError: no logits
+    """
+    member = getattr(backend, name, None)
+    if member is None:
+        raise TypeError(missing)
+    if not callable(member):
+        raise TypeError(
+            f"backend {type(backend).__name__}: '{name}' must be a method {signature}, got {type(member).__name__}"
+        )
+
+
 def check_backend(backend: Any) -> Any:
-    """Refuse, with a clear message, an object that is not a black-box model.
+    """Refuse, with a clear message, an object that is not an embedding-door black box.
 
     Examples
     --------
@@ -137,18 +144,11 @@ def check_backend(backend: Any) -> Any:
     ...
     TypeError: backend NotCallable: 'logits' must be a method logits(images, class_names, offsets), got str
     """
-    name = type(backend).__name__
-    member = getattr(backend, "logits", None)
-    if member is None:
-        raise TypeError(
-            f"backend {name} has no 'logits'; a black-box model needs 'context_shape' (n_ctx, dim) "
-            "and 'logits(images, class_names, offsets)'"
-        )
-    if not callable(member):
-        raise TypeError(
-            f"backend {name}: 'logits' must be a method logits(images, class_names, offsets), "
-            f"got {type(member).__name__}"
-        )
+    check_method(
+        backend, "logits", "logits(images, class_names, offsets)",
+        f"backend {type(backend).__name__} has no 'logits'; a black-box model needs 'context_shape' (n_ctx, dim) "
+        "and 'logits(images, class_names, offsets)'",
+    )
     return backend
 
 
@@ -216,7 +216,42 @@ def check_logits(logits: Any, expected: tuple[int, int, int], backend: Any) -> n
 
 
 class ImageClassifierMixin(ClassifierMixin):
-    """scikit-learn's ClassifierMixin, with ``score`` documented for image input."""
+    """scikit-learn's ClassifierMixin for image classifiers: ``predict``, ``predict_proba`` and ``score``.
+
+    A classifier provides ``_scores(X)``: logits ``(n_samples, n_classes)`` in
+    ``classes_`` order.
+    """
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities of each image.
+
+        Parameters
+        ----------
+        X : sequence of images or ndarray
+            As in :meth:`fit`.
+
+        Returns
+        -------
+        proba : ndarray of shape (n_samples, n_classes)
+            Rows sum to 1, columns in ``classes_`` order.
+        """
+        check_is_fitted(self)
+        return softmax(self._scores(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted label of each image.
+
+        Parameters
+        ----------
+        X : sequence of images or ndarray
+            As in :meth:`fit`.
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self._scores(X), axis=1)]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Mean accuracy of ``predict(X)`` against ``y``.

@@ -35,7 +35,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._loop import stratified_holdout
+from ._training import stratified_holdout
 from ._threads import torch_threads
 from ._validation import ImageClassifierMixin, check_images_and_labels, resolve_class_names, softmax
 from .backends.embedded import resolve_backend
@@ -122,15 +122,10 @@ class _WhiteBoxBase(ImageClassifierMixin, BaseEstimator):
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits ``(n_samples, n_classes)`` in ``classes_`` order."""
         check_is_fitted(self)
+        return self._scores(X)
+
+    def _scores(self, X: Any) -> np.ndarray:
         return self._logits(self._access(), to_pil_images(X))
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities ``(n_samples, n_classes)``; rows sum to 1."""
-        return softmax(self.decision_function(X))
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Predicted labels."""
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
 
 class CoOpClassifier(_WhiteBoxBase):

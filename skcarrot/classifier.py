@@ -1,12 +1,11 @@
-"""CarrotClassifier: the scikit-learn contract and the collaborative loop.
+"""CarrotClassifier: the scikit-learn contract of the collaborative loop.
 
-Everything the estimator learns comes through one door, a black-box model's
-``logits(images, class_names, offsets)``, wrapped in a :class:`QueryCounter`.
+Everything the estimator learns comes through one door (:mod:`skcarrot.doors`),
+picked once per fit; the fit's lifecycle lives in :mod:`skcarrot._training`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping
@@ -14,57 +13,27 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, _fit_context
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._checkpoint import fingerprint, read_checkpoint, write_checkpoint
-from ._loop import (
-    CollaborativeLoop,
-    EmbeddingDoor,
-    EmbeddingPrompts,
-    FreshViews,
-    Snapshot,
-    TextDoor,
-    TextPrompts,
-    ViewPool,
-    plan_generations,
-    stratified_holdout,
+from ._training import (
+    Checkpointer,
+    FitSettings,
+    PreviousFit,
+    Progress,
+    build_run,
+    fit_fingerprint,
+    read_checkpoint,
+    run_generations,
 )
-from ._progress import progress_bar
-from ._validation import (
-    ImageClassifierMixin,
-    check_backend,
-    check_images_and_labels,
-    check_logits,
-    check_offsets,
-    resolve_class_names,
-    softmax,
-)
-from .backends import QueryCounter
-from .backends._base import context_shape_of
+from ._validation import ImageClassifierMixin, check_images_and_labels, resolve_class_names
 from .backends.embedded import resolve_backend
+from .doors import door_named, fitted_attribute_names, pick_door
 from .images import AUGMENTATIONS, flat_width, to_pil_images
-from .prompt import PromptSearch
-from .refiner import ResidualRefiner, refine_logits
+from .refiner import refine_logits
 
 __all__ = ["CarrotClassifier"]
-
-logger = logging.getLogger("skcarrot")
-
-_SEED_MAX = 2**31 - 1
-_TEMPLATE = "a photo of a {}."
-# What "auto" means on each door. On the text door every prompt set is scored image by
-# image on hosted endpoints, so the search is built to need a few hundred prompt sets.
-_AUTO_BUDGET = {"embedding": 8000, "text": 250}
-_AUTO_POPSIZE = {"embedding": 40, "text": 10}
-# Words screened by default: a seeded subset of the tokenizer's. Measured on digits (10 seeds):
-# the more words screened, the more the choice of names fits the shots and not the task
-# (text-level CARROT 88.1% with 200 words, 85.8% with 4,000), and 200 words fit one call of
-# a hosted endpoint.
-_DEFAULT_VOCABULARY = 200
 
 
 class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
@@ -77,36 +46,34 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     KL loss. Each generation spends ``popsize`` queries on candidate prompts and
     one query to score the training views under the new prompt for a refiner epoch.
 
-    The door the backend offers decides the mode. On the *embedding* door (the
+    The door decides the mode (``door``; by default the one the backend offers). On the *embedding* door (the
     paper's) prompts are offsets added to the context word embeddings. On the
     *text* door, which hosted endpoints offer, prompts are strings: the prompt
     generation module searches each class's wording with a policy gradient over
-    words (:class:`skcarrot.text_prompt.TextPromptSearch`), and the refiner and
+    words (:class:`skcarrot.search.TextPromptSearch`), and the refiner and
     the consistency loss work on log-probabilities.
 
     Parameters
     ----------
     backend : object or None, default=None
-        The black box. An embedding-level door: any object with ``context_shape``
-        and ``logits(images, class_names, offsets)`` (see
-        :class:`skcarrot.backends.BlackBoxVLM`). A text-level door: any object
-        with ``returns`` and ``text_scores(images, prompts)`` (see
-        :class:`skcarrot.backends.TextBlackBox`), such as
-        :class:`~skcarrot.backends.OpenCLIPTextBackend` or
-        :class:`~skcarrot.backends.ZeroShotHTTPBackend`. None uses the embedded
-        micro CLIP shipped with skcarrot (:func:`skcarrot.backends.embedded_backend`);
-        pass ``OpenCLIPBackend(model_name=..., pretrained=...)`` for a real model.
+        The black box: any :class:`skcarrot.backends.BlackBoxVLM` (embedding
+        door) or :class:`skcarrot.backends.TextBlackBox` (text door), e.g.
+        ``OpenCLIPBackend(model_name=..., pretrained=...)``, ``HTTPBackend`` or
+        ``ZeroShotHTTPBackend``. None: the embedded micro CLIP
+        (:func:`skcarrot.backends.embedded_backend`).
+    door : {"auto", "embedding", "text"}, default="auto"
+        How to reach the backend (:mod:`skcarrot.doors`). "auto": the embedding
+        door when the backend offers ``logits``, else the text door. An explicit
+        door works with any backend that offers it (``HTTPBackend`` offers both).
     class_names : mapping, sequence of str or None, default=None
         Names used in prompts. A mapping from label to name; a sequence indexed
         by the label when labels are integers ``0..len-1``, otherwise aligned
         with the sorted classes; None uses ``str(label)``.
     query_budget : int or "auto", default="auto"
         Most queries ``fit`` may spend; "auto" is 8000 on the embedding door
-        (the paper's) and 250 on the text door. A *query* is one prompt scored:
-        the black box scores the images of one call against every class under
-        one prompt (an offset, or a set of prompt strings). One call may carry many prompts (a CMA-ES generation is
-        ``popsize`` queries in one call) and many images; the images sent are
-        counted apart, in ``n_images_scored_``.
+        (the paper's) and 250 on the text door. A *query* is one prompt (an
+        offset, or a set of prompt strings) scored on the images of one call;
+        the images sent are counted apart, in ``n_images_scored_``.
     popsize : int or "auto", default="auto"
         Candidate prompts per generation; "auto" is 40 on the embedding door
         (CMA-ES) and 10 on the text door (prompt sets sampled by the policy
@@ -148,12 +115,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         :func:`skcarrot.images.to_pil_images`.
     vocabulary : sequence of str, int or None, default=None
         Text door only: the words the prompt search may use for a class,
-        screened on the training shots before the search (one query, or one per
-        ``backend.max_labels`` words). An int: a seeded random subset of that
-        many whole-word tokens of the model's tokenizer (open_clip's, about
-        31,700 words; nothing is downloaded). None: 200 of them, a number
-        measured on digits: screening more words lets the chosen names fit the
-        few shots rather than the task.
+        screened on the training shots first (one query per ``backend.max_labels``
+        words). An int: a seeded subset of that many words of open_clip's
+        tokenizer. None: 200 of them (measured: more words fit the shots, not the task).
     prompt_tuning : bool, default=True
         Train the prompt generation module (off: the hand-written prompt).
     refinement : bool, default=True
@@ -166,42 +130,24 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     early_stopping : bool or "auto", default="auto"
         Hold back ``validation_fraction`` of the shots of each class (at least
         one) and keep the model with the lowest cross-entropy on them, the
-        starting model (zero-shot: hand-written prompt, identity refiner)
-        included; with ``n_iter_no_change`` set, stop when the validation loss
-        has not improved for that many generations. Costs one query per generation plus
-        one for the start. "auto" turns it on for the embedding door and off
-        for the text door, from measurements (see the benchmarks): on the
-        embedding door it keeps 90.2% on digits against 89.6% for the last
-        generation, and on Fashion-MNIST, where fitting only hurts (78.7%), it
-        falls back to zero-shot's 82%; on the text door, whose fits run some
-        20 generations, holding back two shots per class cost 2.5 points. False gives the
-        paper's protocol (the model after the last generation), which the
-        dataset presets use.
+        starting model included; with ``n_iter_no_change``, stop when it has not
+        improved for that many generations. One query per generation, plus one.
+        "auto": on for the embedding door, off for the text door (measured: see
+        the benchmarks page). False is the paper's protocol (the last generation).
     validation_fraction : float, default=0.1
         Fraction of each class's shots held back when ``early_stopping``.
     n_iter_no_change : int or None, default=None
         Generations without improvement before stopping; None never stops
-        early, and the best model on validation is still the one kept. The
-        default is measured: on digits the validation loss can rise for 50
-        generations before the best model comes (a patience of 20 or 50 lost
-        up to 12 points on one seed), while keeping the best over the whole
-        budget stayed within 0.3 points of the last generation on every seed.
+        early (the best model on validation is still the one kept).
     tol : float, default=1e-4
         The least drop of validation loss that counts as an improvement.
     checkpoint : str, path or None, default=None
-        File where ``fit`` saves its state (prompt search, refiner and
-        optimizer, random generators, history, query counts) every
-        ``checkpoint_every`` generations and at the end, replacing it
-        atomically. When the file exists as ``fit`` starts, the fit resumes
-        from it, on the same trajectory: a fit interrupted (a lost network, a
-        killed process) and resumed ends with the same model, and the same
-        ``n_queries_``, as one that never stopped. An unfinished checkpoint
-        written by a fit with other images, labels or parameters is refused; a
-        finished one is replaced. The backend is not part of the comparison,
-        so a fit resumes against a restarted server on another address; an
-        int ``random_state`` makes the comparison exact. Use one file per fit
-        (not one shared by the folds of a parallel search). The file is a
-        pickle: load only checkpoints you wrote.
+        File where ``fit`` saves its whole state every ``checkpoint_every``
+        generations and at the end, atomically. When it exists as ``fit``
+        starts, the fit resumes from it on the same trajectory (same model, same
+        ``n_queries_``). An unfinished checkpoint of a fit with other images,
+        labels or parameters is refused; the backend is not compared. One file
+        per fit; a pickle: load only checkpoints you wrote.
     checkpoint_every : int, default=10
         Generations between checkpoints.
     random_state : int, RandomState instance or None, default=None
@@ -224,7 +170,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     class_names_ : list of str
         The name of each class in prompts, in ``classes_`` order.
     door_ : {"embedding", "text"}
-        The door the backend offered.
+        The door the fit went through.
     prompt_offset_ : ndarray of shape (n_ctx, dim) or None
         Learned prompt offset ``A z`` (zeros: the hand-written prompt); None on
         the text door.
@@ -245,9 +191,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         for the refiner) and ``"validation"``.
     n_images_scored_ : int
         Images sent to the black box by the last ``fit``, summed over calls:
-        its cost in image forward passes. A generation sends the training
-        images once with its candidate prompts and one view of each for the
-        refiner.
+        its cost in image forward passes.
     history_ : list of dict
         One entry per generation: ``generation``, ``queries`` (spent so far),
         ``best_fitness``, ``mean_fitness``, ``refiner_loss`` and
@@ -285,6 +229,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
 
     _parameter_constraints: dict = {
         "backend": "no_validation",
+        "door": [str],
         "class_names": [None, Mapping, list, tuple, np.ndarray],
         "query_budget": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
         "popsize": [Interval(Integral, 2, None, closed="left"), StrOptions({"auto"})],
@@ -317,40 +262,15 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     }
 
     def __init__(
-        self,
-        *,
-        backend=None,
-        class_names=None,
-        query_budget="auto",
-        popsize="auto",
-        intrinsic_dim=512,
-        sigma=1.0,
-        bound=5.0,
-        projection_std=0.2,
-        consistency_weight=0.1,
-        consistency_fraction=0.25,
-        hidden_dim=256,
-        learning_rate=1e-3,
-        batch_size=32,
-        n_views=8,
-        augmentation="crop",
-        fresh_views=False,
-        image_range=None,
-        vocabulary=None,
-        prompt_tuning=True,
-        refinement=True,
-        max_iter=None,
-        early_stopping="auto",
-        validation_fraction=0.1,
-        n_iter_no_change=None,
-        tol=1e-4,
-        checkpoint=None,
-        checkpoint_every=10,
-        random_state=None,
-        verbose=0,
-        warm_start=False,
+        self, *, backend=None, door="auto", class_names=None, query_budget="auto", popsize="auto",
+        intrinsic_dim=512, sigma=1.0, bound=5.0, projection_std=0.2, consistency_weight=0.1,
+        consistency_fraction=0.25, hidden_dim=256, learning_rate=1e-3, batch_size=32, n_views=8,
+        augmentation="crop", fresh_views=False, image_range=None, vocabulary=None, prompt_tuning=True,
+        refinement=True, max_iter=None, early_stopping="auto", validation_fraction=0.1, n_iter_no_change=None,
+        tol=1e-4, checkpoint=None, checkpoint_every=10, random_state=None, verbose=0, warm_start=False,
     ):
         self.backend = backend
+        self.door = door
         self.class_names = class_names
         self.query_budget = query_budget
         self.popsize = popsize
@@ -381,7 +301,6 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.warm_start = warm_start
 
-    # ------------------------------------------------------------------ helpers
     def _check_X(self, X) -> list:
         images = to_pil_images(X, self.image_range)
         width = flat_width(X)
@@ -392,33 +311,19 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             )
         return images
 
-    def _is_warm(self, classes: np.ndarray, door: str) -> bool:
-        warm = self.warm_start and hasattr(self, "classes_")
-        if warm and (len(classes) != len(self.classes_) or np.any(classes != self.classes_)):
+    def _previous_fit(self, classes: np.ndarray, door: str) -> PreviousFit | None:
+        """What a warm start continues from (None for a new fit); refuses a changed class set or door."""
+        if not (self.warm_start and hasattr(self, "classes_")):
+            return None
+        if len(classes) != len(self.classes_) or np.any(classes != self.classes_):
             raise ValueError(
-                f"warm_start can not change the classes: fitted with {list(self.classes_)}, "
-                f"got {list(classes)}"
+                f"warm_start can not change the classes: fitted with {list(self.classes_)}, got {list(classes)}"
             )
-        if warm and door != self.door_:
+        if door != self.door_:
             raise ValueError(f"warm_start can not change the door: fitted on the {self.door_} door, got {door}")
-        return warm
-
-    def _door(self, backend) -> str:
-        """Which door ``backend`` offers: ``"embedding"`` (``logits``) or ``"text"`` (``text_scores``)."""
-        if hasattr(backend, "logits") or not hasattr(backend, "text_scores"):
-            check_backend(backend)
-            return "embedding"
-        if not callable(backend.text_scores):
-            raise TypeError(
-                f"backend {type(backend).__name__}: 'text_scores' must be a method text_scores(images, prompts)"
-            )
-        return "text"
-
-    def _resolved(self, door: str) -> tuple[int, int]:
-        """``(query_budget, popsize)`` with ``"auto"`` read for the door."""
-        budget = self.query_budget if self.query_budget != "auto" else _AUTO_BUDGET[door]
-        popsize = self.popsize if self.popsize != "auto" else _AUTO_POPSIZE[door]
-        return int(budget), int(popsize)
+        state = self._prompt_state
+        return PreviousFit(state["prompt"], state["z"], state, self.refiner_weights_, self.n_iter_,
+                           self._kl_until, self.history_)
 
     # ---------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -442,275 +347,48 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         images, classes, y_idx = check_images_and_labels(X, y, self.image_range)
         names = resolve_class_names(self.class_names, classes)
         backend = resolve_backend(self.backend)
-        door = self._door(backend)
-        warm = self._is_warm(classes, door)
-        budget, popsize = self._resolved(door)
-        saved = None
+        door_type = pick_door(backend, self.door)
+        previous = self._previous_fit(classes, door_type.name)
+        params = self.get_params(deep=False)
+        settings = FitSettings.resolve(params, door_type)
+        door = door_type(backend, names, budget=settings.query_budget)
+        saved = run_id = None
         if self.checkpoint is not None:
-            skip = {"backend", "verbose", "checkpoint", "checkpoint_every", "warm_start"}
-            params = {k: v for k, v in self.get_params(deep=False).items() if k not in skip}
-            params["warm_from"] = self.n_iter_ if warm else None
-            params["classes"] = classes.tolist()
-            run_id = fingerprint(images, y_idx, params)
+            warm_from = previous.generation if previous is not None else None
+            run_id = fit_fingerprint(images, y_idx, params, classes, warm_from)
             saved = read_checkpoint(self.checkpoint, run_id)
-        if saved is None:
-            loop, run = self._start(backend, door, budget, popsize, images, y_idx, names, warm)
-        else:
-            loop, run = self._resume(backend, door, budget, names, saved)
+        loop, run = build_run(door, settings, images, y_idx, self.random_state, previous, saved)
+        run.fingerprint = run_id
+        callbacks = [Progress(loop, run, verbose=self.verbose, by_query=settings.prompt_tuning,
+                              patience=settings.n_iter_no_change)]
         if self.checkpoint is not None:
-            run["fingerprint"] = run_id
-        self._run(loop, run)
-        self._store(loop, door, classes, names, run, X)
+            callbacks.append(Checkpointer(self.checkpoint, self.checkpoint_every))
+        run_generations(loop, run, callbacks)
+        self._store(door, loop, run, previous, classes, names, X)
         self.fit_time_ = time.perf_counter() - start_time
         return self
 
-    def _start(self, backend, door, budget, popsize, images, y_idx, names, warm):
-        """A new run: seeds, prompt search, plan and the loop's initial state."""
-        rng = check_random_state(self.random_state)
-        # Every generator of the fit is seeded here, once; nothing later reads numpy's global state.
-        seeds = {name: int(rng.randint(1, _SEED_MAX)) for name in ("projection", "cma", "torch", "loop")}
-        search = self._prompt_search(backend, door, names, popsize, warm, seeds)
-        early_stopping = self.early_stopping if self.early_stopping != "auto" else door == "embedding"
-        # Validation needs a class with a shot to spare: with one image per class there is none.
-        spare = np.bincount(y_idx).max() >= 2
-        use_validation = early_stopping and spare and (self.prompt_tuning or self.refinement)
-        screening = 0
-        if door == "text" and search is not None and not search.search.screened_:
-            screening = search.search.n_screening_queries()
-        n_generations, costs = plan_generations(
-            budget - screening,
-            prompt_tuning=self.prompt_tuning,
-            refinement=self.refinement,
-            popsize=popsize,
-            fresh_views=self.fresh_views,
-            validation=use_validation,
-            max_iter=self.max_iter,
-        )
-        loop = self._initial_state(backend, door, search, budget, images, y_idx, names, warm, use_validation,
-                                   n_generations, seeds)
-        run = {
-            "seeds": seeds,
-            "n_generations": n_generations,
-            "planned": screening + costs["start"] + n_generations * costs["generation"],
-            "generation0": loop.generation,
-            "history": list(self.history_) if warm else [],
-            "base_queries": self.history_[-1]["queries"] if warm and self.history_ else 0,
-            "warm": warm,
-        }
-        return loop, run
-
-    @staticmethod
-    def _gate(backend, door, budget, names):
-        """The door of this fit, behind a query counter holding its budget."""
-        if door == "text":
-            from .backends.text import TextQueryCounter
-
-            return TextDoor(TextQueryCounter(backend, budget=budget))
-        return EmbeddingDoor(QueryCounter(backend, budget=budget), names)
-
-    def _refiner(self, n_classes, seed):
-        """A new refiner and its optimizer, or ``(None, None)`` without refinement."""
-        if not self.refinement:
-            return None, None
-        refiner = ResidualRefiner(n_classes, self.hidden_dim, torch.Generator().manual_seed(seed))
-        return refiner, torch.optim.Adam(refiner.parameters(), lr=self.learning_rate)
-
-    def _resume(self, backend, door, budget, names, saved):
-        """The run a checkpoint describes, its loop restored to the generation it was written at."""
-        gate = self._gate(backend, door, budget, names)
-        refiner, optimizer = self._refiner(len(names), saved["run"]["seeds"]["torch"])  # weights restored below
-        loop = CollaborativeLoop(
-            door=gate, images=[], y=np.zeros(0, dtype=int), search=None, refiner=refiner, optimizer=optimizer,
-            views=None, rng=np.random.RandomState(), consistency_weight=self.consistency_weight, kl_until=0.0,
-            batch_size=self.batch_size, prompt=None, z=None, tol=self.tol,
-        )
-        loop.restore(saved["loop"])
-        return loop, saved["run"]
-
-    def _prompt_search(self, backend, door, names, popsize, warm, seeds):
-        """The prompt generation module of this door, started where a warm start says."""
-        if warm and self.prompt_z_ is not None:
-            seeds["projection"] = self._projection_seed  # the same A, so the old z keeps its meaning
-        if not self.prompt_tuning:
-            return None
-        if door == "text":
-            from .text_prompt import TextPromptSearch
-
-            template = getattr(backend, "template", None) or _TEMPLATE
-            candidates = self.prompt_candidates_ if warm and self.prompt_candidates_ is not None else None
-            vocabulary, n_words = self.vocabulary, None
-            max_labels = getattr(backend, "max_labels", None)
-            if vocabulary is None:
-                vocabulary = _DEFAULT_VOCABULARY
-            if isinstance(vocabulary, Integral):
-                vocabulary, n_words = None, int(vocabulary)
-            search = TextPromptSearch(names, templates=(template,), candidates=candidates, popsize=popsize,
-                                      vocabulary=vocabulary, n_words=n_words,
-                                      strings_per_query=max_labels,
-                                      random_state=np.random.RandomState(seeds["cma"]))
-            if candidates is not None and self._text_logits is not None:
-                for theta, old in zip(search.logits_, self._text_logits):
-                    theta[:] = old
-            return TextPrompts(search)
-        context_shape = context_shape_of(backend)
-        x0 = None
-        if warm and self.prompt_z_ is not None and len(self.prompt_z_) == self.intrinsic_dim:
-            x0 = self.prompt_z_
-        return EmbeddingPrompts(PromptSearch(
-            context_shape, self.intrinsic_dim, self.projection_std, self.sigma, popsize, self.bound,
-            projection_seed=seeds["projection"], cma_seed=seeds["cma"], x0=x0,
-        ))
-
-    def _initial_state(self, backend, door, search, budget, images, y_idx, names, warm, use_validation,
-                       n_generations, seeds):
-        """Every warm-start rule in one place: the loop's state at generation 0 of this call."""
-        gate = self._gate(backend, door, budget, names)
-        if door == "embedding" and warm and tuple(self.prompt_offset_.shape) != gate.counter.context_shape:
-            raise ValueError("warm_start can not change the backend's context shape")
-        loop_rng = np.random.RandomState(seeds["loop"])
-
-        validation = None
-        if use_validation:
-            train, held = stratified_holdout(y_idx, self.validation_fraction, loop_rng)
-            validation = ([images[i] for i in held], y_idx[held])
-            images, y_idx = [images[i] for i in train], y_idx[train]
-        if door == "text" and search is not None and not search.search.screened_:
-            search.search.screen(gate.counter, images, y_idx)
-
-        refiner, optimizer = self._refiner(len(names), seeds["torch"])
-        views = None
-        if refiner is not None:
-            if warm and self.refiner_weights_ is not None:
-                refiner.set_weights(self.refiner_weights_)
-            refiner.eval()
-            if self.fresh_views:
-                views = FreshViews(images, self.augmentation)
-            else:
-                views = ViewPool(images, self.n_views, self.augmentation, loop_rng)
-
-        if warm:
-            prompt, z = self._fitted_prompt(), self.prompt_z_
-            generation0, kl_until = self.n_iter_, self._kl_until
-        else:
-            prompt, z = self._zero_shot_prompt(backend, door, names), None
-            # The consistency KL is on for the first fraction of the first fit's generations;
-            # warm-started calls continue that schedule instead of restarting it.
-            generation0 = 0
-            kl_until = np.inf if self.consistency_fraction >= 1 else self.consistency_fraction * n_generations
-        if search is not None and z is None:
-            current_prompt, z = search.current()
-            if not warm:  # a warm start keeps the prompt it learned
-                prompt = current_prompt
-
-        loop = CollaborativeLoop(
-            door=gate, images=images, y=y_idx, search=search, refiner=refiner,
-            optimizer=optimizer, views=views, rng=loop_rng, consistency_weight=self.consistency_weight,
-            kl_until=kl_until, batch_size=self.batch_size, prompt=prompt, z=z, generation=generation0,
-            validation=validation, tol=self.tol,
-            # A warm start without refinement keeps the refiner it has.
-            frozen_refiner_weights=self.refiner_weights_ if warm and refiner is None else None,
-        )
-        if validation is not None:
-            # The model the fit starts from is a candidate too: zero-shot (hand-written prompt,
-            # identity refiner) on a fresh fit, the previous model on a warm start.
-            start = Snapshot(prompt, z, self.refiner_weights_ if warm else None, generation0)
-            loop.offer(loop.score_on_validation(start))
-        return loop
-
-    @staticmethod
-    def _zero_shot_prompt(backend, door, names):
-        if door == "text":
-            template = getattr(backend, "template", None) or _TEMPLATE
-            return [template.format(name) for name in names]
-        return np.zeros(context_shape_of(backend), dtype=np.float32)
-
-    def _fitted_prompt(self):
-        if self.prompt_offset_ is None:
-            return list(self.prompt_)
-        return np.asarray(self.prompt_offset_, dtype=np.float32)
-
-    def _run(self, loop: CollaborativeLoop, run: dict) -> None:
-        """Run the planned generations, reporting each; stop early when validation stops improving."""
-        # The bar counts queries; without prompt search it counts epochs.
-        by_query = bool(self.prompt_tuning)
-        done = loop.generation - run["generation0"]
-        bar = progress_bar(
-            run["planned"] if by_query else run["n_generations"],
-            "query" if by_query else "epoch",
-            enabled=bool(self.verbose),
-            desc="CarrotClassifier.fit",
-        )
-        bar.update(loop.counter.n_queries if by_query else done)
-        try:
-            while done < run["n_generations"] and not loop.should_stop(self.n_iter_no_change):
-                record = loop.generation_step()
-                record["queries"] += run["base_queries"]
-                run["history"].append(record)
-                done += 1
-                self._report(record, bar, by_query, loop)
-                if self.checkpoint is not None and done % self.checkpoint_every == 0:
-                    self._save(run, loop)
-            if loop.should_stop(self.n_iter_no_change) and self.verbose:
-                print(f"Validation loss did not improve for {self.n_iter_no_change} generations; stopped.")
-            if self.checkpoint is not None:
-                self._save(run, loop, finished=True)
-        finally:
-            bar.close()
-
-    def _save(self, run: dict, loop: CollaborativeLoop, finished: bool = False) -> None:
-        write_checkpoint(self.checkpoint, {"fingerprint": run["fingerprint"], "finished": finished, "run": run,
-                                           "loop": loop.state()})
-
-    def _report(self, record: dict, bar, by_query: bool, loop: CollaborativeLoop) -> None:
-        """Progress bar, verbose line and log record of one generation, together."""
-        bar.update(loop.counter.n_queries - bar.n if by_query else 1)
-        line = (
-            f"Generation {record['generation']}, queries = {record['queries']}, "
-            f"best fitness = {record['best_fitness']:.4f}, refiner loss = {record['refiner_loss']:.4f}, "
-            f"train accuracy = {record['train_accuracy']:.3f}"
-        )
-        if "validation_accuracy" in record:
-            line += f", validation accuracy = {record['validation_accuracy']:.3f}"
-        if self.verbose >= 2:
-            print(line)
-        logger.debug(line)
-
-    def _store(self, loop: CollaborativeLoop, door, classes, names, run, X) -> None:
+    def _store(self, door, loop, run, previous, classes, names, X) -> None:
         """Write every fitted attribute, and only here: a fit that fails leaves the old model intact."""
         result = loop.result()
+        attributes, self._prompt_state = door.fitted(result, loop.search, run.seeds, previous)
+        for name in fitted_attribute_names():  # the other doors' attributes are None
+            setattr(self, name, attributes.get(name))
         counter = loop.counter
         self.classes_ = classes
         self.class_names_ = names
-        self.door_ = door
-        if door == "text":
-            self.prompt_ = list(result.prompt)
-            self.prompt_offset_ = None
-            self.prompt_z_ = None
-            self._projection_seed = None
-            search = loop.search.search if loop.search is not None else None
-            if search is not None:
-                self.prompt_candidates_ = [list(c) for c in search.candidates_]
-                self._text_logits = [theta.copy() for theta in search.logits_]
-            elif not run["warm"]:
-                self.prompt_candidates_ = self._text_logits = None
-            # else: a warm fit without prompt tuning keeps the search it had
-        else:
-            self.prompt_ = None
-            self.prompt_offset_ = np.asarray(result.prompt, dtype=np.float32).copy()
-            self.prompt_z_ = None if result.z is None else np.asarray(result.z, dtype=np.float64)
-            self._projection_seed = run["seeds"]["projection"] if result.z is not None else None
-            self.prompt_candidates_ = None
-            self._text_logits = None
+        self.door_ = door.name
         self.refiner_weights_ = result.refiner_weights
         self.best_generation_ = result.generation
-        self.validation_score_ = None if loop.best is None else loop.best.accuracy
-        self.validation_loss_ = None if loop.best is None else loop.best.loss
+        best = loop.early_stopping.best if loop.early_stopping is not None else None
+        self.validation_score_ = None if best is None else best.accuracy
+        self.validation_loss_ = None if best is None else best.loss
         self.n_queries_ = counter.n_queries
         self.n_queries_by_purpose_ = {
             purpose: counter.by_purpose.get(purpose, 0) for purpose in ("screen", "prompt", "refiner", "validation")
         }
         self.n_images_scored_ = counter.n_images_scored
-        self.history_ = run["history"]
+        self.history_ = run.history
         self.n_iter_ = loop.generation
         self._kl_until = loop.kl_until
         width = flat_width(X)
@@ -735,56 +413,17 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             With two classes, the score of ``classes_[1]`` minus that of ``classes_[0]``.
         """
         check_is_fitted(self)
-        scores = self._refined_logits(X)
+        scores = self._scores(X)
         if len(self.classes_) == 2:
             return scores[:, 1] - scores[:, 0]
         return scores
 
-    def _refined_logits(self, X) -> np.ndarray:
+    def _scores(self, X) -> np.ndarray:
+        """Refined logits ``(n_samples, n_classes)``: the learned prompt scored through the door, then the refiner."""
         images = self._check_X(X)
-        backend = resolve_backend(self.backend)
-        expected = (1, len(images), len(self.classes_))
-        if self.door_ == "text":
-            from .backends.text import check_text_scores, log_probabilities, returns_of
-
-            returns = returns_of(backend)
-            scores = check_text_scores(backend.text_scores(images, [list(self.prompt_)]), expected, returns)
-            return refine_logits(log_probabilities(scores, returns)[0], self.refiner_weights_)
-        check_backend(backend)
-        offsets = check_offsets(self.prompt_offset_[np.newaxis], self.prompt_offset_.shape)
-        logits = check_logits(backend.logits(images, self.class_names_, offsets), expected, backend)
-        return refine_logits(logits[0], self.refiner_weights_)
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities of each image.
-
-        Parameters
-        ----------
-        X : sequence of images or ndarray
-            As in :meth:`fit`.
-
-        Returns
-        -------
-        proba : ndarray of shape (n_samples, n_classes)
-            Rows sum to 1, columns in ``classes_`` order.
-        """
-        check_is_fitted(self)
-        return softmax(self._refined_logits(X))
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Predicted label of each image.
-
-        Parameters
-        ----------
-        X : sequence of images or ndarray
-            As in :meth:`fit`.
-
-        Returns
-        -------
-        y_pred : ndarray of shape (n_samples,)
-        """
-        check_is_fitted(self)
-        return self.classes_[np.argmax(self._refined_logits(X), axis=1)]
+        door = door_named(self.door_)(resolve_backend(self.backend), self.class_names_)
+        scores = door.score(images, door.one(self._prompt_state["prompt"]), "predict")[0]
+        return refine_logits(scores, self.refiner_weights_)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import __version__
@@ -110,16 +109,11 @@ def _add_serve_commands(sub) -> None:
     listing.add_argument("--db", default=None, help="ledger URL (as for serve)")
 
 
-def _db_url(arg: str | None) -> str:
-    from .serve.settings import DEFAULT_DB_URL
-
-    return arg or os.environ.get("SKCARROT_DB") or DEFAULT_DB_URL
-
-
 def _serve(args) -> int:
     try:
         import uvicorn
 
+        from .serve.config import db_url_from_env, export_worker_env
         from .serve.ledger import Ledger
     except ImportError as exc:
         print(f"skcarrot serve: error: {exc}; install the extra: pip install 'skcarrot[serve]'", file=sys.stderr)
@@ -127,20 +121,15 @@ def _serve(args) -> int:
     if args.workers < 1:
         print("skcarrot serve: error: --workers must be >= 1", file=sys.stderr)
         return 2
-    db = _db_url(args.db)
+    db = db_url_from_env(args.db)
     try:
         Ledger(db).dispose()  # fail here, clearly, rather than in every worker
     except Exception as exc:  # noqa: BLE001 - any database error is reported the same way
         print(f"skcarrot serve: error: cannot open the ledger {db!r}: {exc}", file=sys.stderr)
         return 2
     # Each worker builds its own app from these (uvicorn --factory), so N workers share the ledger.
-    os.environ["SKCARROT_DB"] = db
-    for name, value in (("SKCARROT_MODEL", args.model), ("SKCARROT_PRETRAINED", args.pretrained),
-                        ("SKCARROT_TEMPLATE", args.template), ("SKCARROT_DEVICE", args.device)):
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    export_worker_env(db_url=db, model_name=args.model, pretrained=args.pretrained, template=args.template,
+                      device=args.device)
     if db.startswith("sqlite") and args.workers > 1:
         print("skcarrot serve: note: several workers on one SQLite file serialise their writes; "
               "use --db postgresql://... under load", file=sys.stderr)
@@ -151,6 +140,7 @@ def _serve(args) -> int:
 
 def _keys(args, keys_parser) -> int:
     try:
+        from .serve.config import db_url_from_env
         from .serve.ledger import Ledger
     except ImportError as exc:
         print(f"skcarrot keys: error: {exc}; install the extra: pip install 'skcarrot[serve]'", file=sys.stderr)
@@ -158,7 +148,7 @@ def _keys(args, keys_parser) -> int:
     if args.keys_command is None:
         keys_parser.print_help()
         return 2
-    db = _db_url(args.db)
+    db = db_url_from_env(args.db)
     try:
         ledger = Ledger(db)
     except Exception as exc:  # noqa: BLE001

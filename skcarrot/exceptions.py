@@ -10,6 +10,7 @@ __all__ = [
     "RemoteAuthenticationError",
     "RemoteUnavailableError",
     "RemoteBudgetExceededError",
+    "RemoteProtocolError",
 ]
 
 
@@ -40,9 +41,11 @@ class WeightsUnavailableError(OSError):
 class RemoteBackendError(RuntimeError):
     """A model server refused a request or could not be reached.
 
-    Raised by :class:`skcarrot.backends.HTTPBackend`. ``status_code`` is the
-    HTTP status (None when the server never answered) and ``detail`` the
-    server's explanation.
+    Raised by the remote backends, :class:`skcarrot.backends.HTTPBackend` and
+    :class:`skcarrot.backends.ZeroShotHTTPBackend`, always as one of the
+    subclasses below but for an unexpected status. ``status_code`` is the HTTP
+    status (None when the server never answered) and ``detail`` the server's
+    explanation.
 
     Examples
     --------
@@ -58,7 +61,7 @@ class RemoteBackendError(RuntimeError):
 
 
 class RemoteValidationError(RemoteBackendError, ValueError):
-    """The server found the request invalid (413 or 422); retrying would not help.
+    """The server found the request invalid (a 4xx other than 401, 402, 403, 429); retrying would not help.
 
     Examples
     --------
@@ -69,7 +72,7 @@ class RemoteValidationError(RemoteBackendError, ValueError):
 
 
 class RemoteAuthenticationError(RemoteBackendError, PermissionError):
-    """The server refused the API key (401).
+    """The server refused the API key or token (401 or 403), or no key was given.
 
     Examples
     --------
@@ -105,3 +108,14 @@ class RemoteBudgetExceededError(QueryBudgetExceededError, RemoteBackendError):
     def __init__(self, message: str, status_code: int | None = 402, detail=None, remaining: int | None = None) -> None:
         super().__init__(message, status_code=status_code, detail=detail)
         self.remaining = remaining
+
+
+class RemoteProtocolError(RemoteBackendError, ValueError):
+    """The server answered, but not in the form the protocol asks (invalid JSON, a missing score).
+
+    Examples
+    --------
+    >>> from skcarrot.exceptions import RemoteProtocolError
+    >>> issubclass(RemoteProtocolError, ValueError)
+    True
+    """

@@ -49,3 +49,25 @@ def digits_split(n_shots=8, n_classes=10, seed=0, n_test=200):
 # Small, fast settings for CarrotClassifier in tests: the plain loop, no validation shots held back.
 FAST = dict(query_budget=200, popsize=8, intrinsic_dim=16, hidden_dim=32, n_views=2, random_state=0,
             early_stopping=False)
+
+
+def search_alone(backend, images, y, search, budget=None, n_steps=None):
+    """A prompt search on its own, driven by the training loop without a refiner: screen, then whole steps.
+
+    Returns the door's query counter. Without ``n_steps``, as many steps as the budget allows.
+    """
+    from skcarrot._training import CollaborativeLoop
+    from skcarrot.doors import TextDoor
+
+    door = TextDoor(backend, search.class_names, budget=budget)
+    door.start(search, images, np.asarray(y))
+    loop = CollaborativeLoop(
+        door=door, images=list(images), y=np.asarray(y), search=search, refiner=None, optimizer=None, views=None,
+        rng=np.random.RandomState(0), consistency_weight=0.0, kl_until=0, batch_size=1,
+        prompt=search.current(), z=search.coordinates(),
+    )
+    affordable = None if budget is None else door.counter.remaining // search.popsize
+    steps = [s for s in (n_steps, affordable) if s is not None]
+    for _ in range(min(steps)):
+        loop.generation_step()
+    return door.counter

@@ -49,6 +49,72 @@ def test_counter_refuses_before_the_call(images):
     assert box.n_queries == 5
 
 
+class Failing:
+    """A backend with both doors whose every call reaches it and raises, as a dropped connection does."""
+
+    context_shape = (2, 8)
+    returns = "logits"
+
+    def __init__(self):
+        self.calls = 0
+
+    def logits(self, images, class_names, offsets):
+        self.calls += 1
+        raise ConnectionError("the answer was lost")
+
+    def text_scores(self, images, prompts):
+        self.calls += 1
+        raise ConnectionError("the answer was lost")
+
+
+@pytest.mark.parametrize("door", ["embedding", "text"])
+def test_a_call_that_raises_is_counted_on_either_door(images, door):
+    inner = Failing()
+    box = QueryCounter(inner, budget=10)
+    with pytest.raises(ConnectionError, match="lost"):
+        if door == "embedding":
+            box.logits(images, NAMES, np.zeros((3, 2, 8)), purpose="prompt")
+        else:
+            box.text_scores(images, [["a cat.", "a dog."]] * 3, purpose="prompt")
+    assert inner.calls == 1  # handed to the backend: counted in full, though it raised
+    assert (box.n_queries, box.n_images_scored, box.n_pairs_scored) == (3, 5, 15)
+    assert box.by_purpose == {"prompt": 3} and box.images_by_purpose == {"prompt": 5}
+    assert box.remaining == 7
+
+
+def test_call_refused_by_the_budget_is_not_sent_nor_counted(images):
+    inner = Failing()
+    box = QueryCounter(inner, budget=2)
+    with pytest.raises(QueryBudgetExceededError, match="3 prompt\\(s\\).*2 left.*not sent"):
+        box.logits(images, NAMES, np.zeros((3, 2, 8)))
+    with pytest.raises(QueryBudgetExceededError, match="3 prompt set\\(s\\).*2 left.*not sent"):
+        box.text_scores(images, [["a cat.", "a dog."]] * 3)
+    assert inner.calls == 0
+    assert (box.n_queries, box.n_images_scored, box.n_pairs_scored) == (0, 0, 0)
+    assert box.by_purpose == {} and box.images_by_purpose == {} and box.remaining == 2
+
+
+def test_one_counter_and_one_budget_for_both_doors(images):
+    box = QueryCounter(ToyBackend(), budget=4)
+    box.logits(images, NAMES, np.zeros((3, 2, 8)), purpose="prompt")
+    with pytest.raises(TypeError, match="has no 'returns'"):  # ToyBackend has no text door
+        box.text_scores(images, [["a cat.", "a dog."]])
+    assert box.n_queries == 3 and box.n_pairs_scored == 15
+
+
+def test_counter_reads_each_door_lazily():
+    class TextOnly:
+        returns = "probabilities"
+
+        def text_scores(self, images, prompts):
+            return np.full((len(prompts), len(images), len(prompts[0])), 0.5)
+
+    box = QueryCounter(TextOnly())  # no context_shape needed for the text door
+    assert box.text_scores(["img"], [["a", "b"]]).shape == (1, 1, 2)
+    with pytest.raises(TypeError, match="has no 'logits'"):
+        box.logits(["img"], ["a", "b"], np.zeros((1, 2, 8)))
+
+
 def test_counter_checks_shapes(images):
     box = QueryCounter(ToyBackend(), budget=None)
     with pytest.raises(ValueError, match=r"offsets must have shape \(P, 2, 8\)"):

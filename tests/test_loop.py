@@ -8,11 +8,11 @@ import torch
 from helpers import FAST, StrictBackend, scored
 
 from skcarrot import CarrotClassifier, ToyBackend
-from skcarrot._loop import CollaborativeLoop, EmbeddingDoor, EmbeddingPrompts, FreshViews, ViewPool, plan_generations
-from skcarrot.backends import QueryCounter
+from skcarrot._training import CollaborativeLoop, FreshViews, ViewPool, plan_generations
+from skcarrot.doors import EmbeddingDoor
 from skcarrot.images import to_pil_images
 from skcarrot.losses import consistency_kl, prompt_fitness, refiner_loss
-from skcarrot.prompt import PromptSearch
+from skcarrot.search import CMAESPromptSearch
 from skcarrot.refiner import ResidualRefiner
 
 
@@ -21,8 +21,7 @@ def make_loop(digits, *, prompt=True, refine=True, fresh=False, budget=None):
     images = to_pil_images(Xtr)
     names = [str(c) for c in range(10)]
     backend = ToyBackend()
-    counter = QueryCounter(backend, budget=budget)
-    search = PromptSearch(backend.context_shape, 8, 0.2, 1.0, 6, 5.0, projection_seed=1, cma_seed=2) if prompt else None
+    search = CMAESPromptSearch(backend.context_shape, 8, 0.2, 1.0, 6, 5.0, projection_seed=1, cma_seed=2) if prompt else None
     refiner = optimizer = views = None
     rng = np.random.RandomState(0)
     if refine:
@@ -30,8 +29,8 @@ def make_loop(digits, *, prompt=True, refine=True, fresh=False, budget=None):
         optimizer = torch.optim.Adam(refiner.parameters(), lr=1e-2)
         views = FreshViews(images, "crop") if fresh else ViewPool(images, 3, "crop", rng)
     return CollaborativeLoop(
-        door=EmbeddingDoor(counter, names), images=images, y=np.asarray(ytr),
-        search=EmbeddingPrompts(search) if prompt else None, refiner=refiner,
+        door=EmbeddingDoor(backend, names, budget=budget), images=images, y=np.asarray(ytr),
+        search=search, refiner=refiner,
         optimizer=optimizer, views=views, rng=rng, consistency_weight=0.1, kl_until=2, batch_size=16,
         prompt=np.zeros(backend.context_shape, np.float32), z=None,
     )
@@ -52,9 +51,9 @@ def test_a_generation_spends_popsize_plus_one_queries_and_sends_each_image_twice
 
 def test_prompt_step_asks_scores_and_tells(digits):
     loop = make_loop(digits, refine=False)
-    before = loop.search.search.es.countiter
+    before = loop.search.es.countiter
     out = loop.prompt_step()
-    assert loop.search.search.es.countiter == before + 1
+    assert loop.search.es.countiter == before + 1
     assert loop.counter.n_queries == 6
     assert set(out) == {"best_fitness", "mean_fitness", "train_accuracy"}
     assert out["best_fitness"] <= out["mean_fitness"]
@@ -336,7 +335,7 @@ def test_warm_start_without_prompt_tuning_keeps_the_projection(digits):
     Xtr, ytr, _, _ = digits
     clf = CarrotClassifier(backend=ToyBackend(), warm_start=True, **dict(FAST, random_state=None, max_iter=2))
     clf.fit(Xtr, ytr)
-    seed, z = clf._projection_seed, clf.prompt_z_.copy()
+    seed, z = clf._prompt_state["projection_seed"], clf.prompt_z_.copy()
     clf.set_params(prompt_tuning=False).fit(Xtr, ytr)
-    assert clf._projection_seed == seed
+    assert clf._prompt_state["projection_seed"] == seed
     np.testing.assert_array_equal(clf.prompt_z_, z)

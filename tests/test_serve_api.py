@@ -12,7 +12,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from skcarrot.backends.http import _png_base64, image_content_id  # noqa: E402
+from skcarrot.wire import png_base64 as _png_base64, image_content_id  # noqa: E402
 from skcarrot.serve import Settings, create_app  # noqa: E402
 from skcarrot.serve.ledger import Ledger, hash_key  # noqa: E402
 
@@ -84,7 +84,7 @@ def test_score_returns_logits_and_charges_one_query_per_prompt(served, key):
     logits = np.frombuffer(base64.b64decode(body["logits"]["data"]), "<f4").reshape(body["logits"]["shape"])
     assert logits.shape == (3, 2, 3)
     assert (body["queries"], body["images"], body["remaining"]) == (3, 2, 997)
-    direct = app.state.server.model.backend.logits([_image(2), _image(3)], ["one", "two", "three"],
+    direct = app.state.server.scorer.backend.logits([_image(2), _image(3)], ["one", "two", "three"],
                                                    np.zeros((3, N_CTX, DIM), np.float32))
     np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
     usage = client.get("/v1/usage", headers=_auth(key)).json()
@@ -160,7 +160,7 @@ def test_an_attempt_charged_but_never_answered_is_rerun_without_a_second_charge(
     ids = _upload(client, key, _image(9))
     body = {"image_ids": ids, "class_names": ["one", "two"], "offsets": _offsets(2)}
     raw = json.dumps(body).encode()
-    from skcarrot.serve.charging import fingerprint
+    from skcarrot.serve.idempotency import fingerprint
 
     ledger = app.state.server.ledger
     key_id = ledger.authenticate(key).id

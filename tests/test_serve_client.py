@@ -66,6 +66,24 @@ def test_fit_over_http_matches_the_fit_in_process_and_the_ledger_matches_the_cli
     assert ledger.find_key("same-fit").prompts_used == remote.n_queries_ + 2
 
 
+def test_an_explicit_text_door_tunes_through_score_text_and_matches_the_fit_in_process(live, digits, monkeypatch):
+    url, ledger, _ = live
+    Xtr, ytr, Xte, _ = digits
+    key = _key(ledger, "text-door")
+
+    def no_embedding_door(self, *args, **kwargs):
+        raise AssertionError("the embedding door was used")
+
+    monkeypatch.setattr(HTTPBackend, "logits", no_embedding_door)
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    params = dict(door="text", class_names=names, query_budget=30, popsize=4, random_state=0)
+    remote = CarrotClassifier(backend=HTTPBackend(url, api_key=key), **params).fit(Xtr, ytr)
+    local = CarrotClassifier(backend=embedded_backend(), **params).fit(Xtr, ytr)
+    assert remote.door_ == "text" and remote.prompt_ == local.prompt_
+    assert remote.n_queries_ == local.n_queries_ == ledger.find_key("text-door").prompts_used
+    np.testing.assert_allclose(remote.predict_proba(Xte), local.predict_proba(Xte), rtol=1e-4, atol=1e-5)
+
+
 def test_each_distinct_image_is_uploaded_once(live):
     url, ledger, app = live
     backend = HTTPBackend(url, api_key=_key(ledger, "uploads"))

@@ -50,7 +50,7 @@ def test_concurrent_charges_on_one_key_never_overspend(ledger):
 def test_replays_are_charged_once_across_ledger_instances(pg_url, ledger):
     key_id, _ = ledger.create_key("pg-replay", budget=100)
     assert ledger.begin_charge(key_id, 10, 1, "r1", "f").kind == "new"
-    ledger.finish_charge(key_id, "r1", b'{"ok": true}')
+    ledger.answers.store(key_id, "r1", b'{"ok": true}')
     other = Ledger(pg_url)  # another server process, say
     again = other.begin_charge(key_id, 10, 1, "r1", "f")
     other.dispose()

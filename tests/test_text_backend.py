@@ -7,13 +7,14 @@ import pytest
 from sklearn.base import clone
 
 from skcarrot.backends import (
+    BlackBoxVLM,
     OpenCLIPBackend,
     OpenCLIPTextBackend,
+    QueryCounter,
     TextBlackBox,
-    TextQueryCounter,
     embedded_backend,
 )
-from skcarrot.backends.text import _TEXT_FEATURES, check_prompt_sets, log_probabilities, score_prompt_sets
+from skcarrot.backends._base import check_prompt_sets, log_probabilities
 from skcarrot.datasets import DIGIT_WORDS, load_digit_images
 from skcarrot.exceptions import QueryBudgetExceededError
 from skcarrot.images import to_pil_images
@@ -46,12 +47,13 @@ def digit_images():
 def test_door_is_a_two_member_protocol():
     assert isinstance(StrictTextBackend(), TextBlackBox)
     assert isinstance(OpenCLIPTextBackend(), TextBlackBox)
-    assert not isinstance(embedded_backend(), TextBlackBox)  # the embedding-level door is another door
+    assert not isinstance(OpenCLIPTextBackend(), BlackBoxVLM)  # a view of the text door alone
+    assert isinstance(embedded_backend(), TextBlackBox) and isinstance(embedded_backend(), BlackBoxVLM)
 
 
 def test_counter_refuses_before_the_call():
     backend = StrictTextBackend()
-    counter = TextQueryCounter(backend, budget=3)
+    counter = QueryCounter(backend, budget=3)
     counter.text_scores(["img"] * 5, [["a", "b"]] * 2)
     with pytest.raises(QueryBudgetExceededError, match="2 prompt set.*1 left.*not sent"):
         counter.text_scores(["img"] * 5, [["a", "b"]] * 2)
@@ -62,7 +64,7 @@ def test_counter_refuses_before_the_call():
 
 
 def test_counter_counts_prompt_sets_and_images_by_purpose():
-    counter = TextQueryCounter(StrictTextBackend())
+    counter = QueryCounter(StrictTextBackend())
     counter.text_scores(["img"] * 7, [["a", "b"]] * 3, purpose="prompt")
     counter.text_scores(["img"] * 4, [["a", "b", "c", "d", "e"]], purpose="screen")
     assert counter.n_queries == 4
@@ -73,7 +75,7 @@ def test_counter_counts_prompt_sets_and_images_by_purpose():
 
 
 def test_counter_counts_a_call_that_came_back_malformed():
-    counter = TextQueryCounter(StrictTextBackend(scores=np.zeros((1, 2, 3))))
+    counter = QueryCounter(StrictTextBackend(scores=np.zeros((1, 2, 3))))
     with pytest.raises(ValueError, match=r"shape \(1, 2, 3\), expected \(2, 2, 2\)"):
         counter.text_scores(["img"] * 2, [["a", "b"]] * 2)
     assert counter.n_queries == 2
@@ -88,7 +90,7 @@ def test_counter_counts_a_call_that_came_back_malformed():
     ],
 )
 def test_counter_rejects_bad_scores(returns, scores, message):
-    counter = TextQueryCounter(StrictTextBackend(returns=returns, scores=scores))
+    counter = QueryCounter(StrictTextBackend(returns=returns, scores=scores))
     with pytest.raises(ValueError, match=message):
         counter.text_scores(["img"], [["a", "b"]])
 
@@ -98,10 +100,12 @@ def test_counter_needs_a_backend_that_says_what_it_returns():
         def text_scores(self, images, prompts):  # pragma: no cover
             return None
 
+    backend = StrictTextBackend(returns="scores")
     with pytest.raises(TypeError, match="has no 'returns'"):
-        TextQueryCounter(NoReturns())
+        QueryCounter(NoReturns()).text_scores(["img"], [["a", "b"]])
     with pytest.raises(ValueError, match="must be one of"):
-        TextQueryCounter(StrictTextBackend(returns="scores"))
+        QueryCounter(backend).text_scores(["img"], [["a", "b"]])
+    assert backend.calls == []
 
 
 @pytest.mark.parametrize(
@@ -118,7 +122,7 @@ def test_counter_needs_a_backend_that_says_what_it_returns():
 def test_prompt_sets_are_validated_before_sending(prompts, error, message):
     backend = StrictTextBackend()
     with pytest.raises(error, match=message):
-        TextQueryCounter(backend).text_scores(["img"], prompts)
+        QueryCounter(backend).text_scores(["img"], prompts)
     assert backend.calls == []
     assert check_prompt_sets([("x", "y")]) == [("x", "y")]
 
@@ -149,15 +153,15 @@ def test_prompt_sets_share_encoded_strings(digit_images):
     images, _ = digit_images
     backend = OpenCLIPBackend(model_name=MICRO, pretrained=None, device="cpu")
     sets = [["a one.", "a two.", "a three."], ["a three.", "a one.", "a seven."]]
-    logits = score_prompt_sets(backend, images[:5], sets)
+    logits = backend.text_scores(images[:5], sets)
     assert logits.shape == (2, 5, 3)
     # The same string scores the same wherever it sits.
     np.testing.assert_allclose(logits[0, :, 0], logits[1, :, 1])
     np.testing.assert_allclose(logits[0, :, 2], logits[1, :, 0])
-    cache = _TEXT_FEATURES[backend._box()]
+    cache = backend._box().string_features
     assert {"a one.", "a two.", "a three.", "a seven."} <= set(cache)
     before = cache["a one."]
-    score_prompt_sets(backend, images[:5], [["a one.", "a nine."]])
+    backend.text_scores(images[:5], [["a one.", "a nine."]])
     assert cache["a one."] is before  # encoded once, then read from the cache
 
 
@@ -165,7 +169,7 @@ def test_too_long_prompt_is_refused_with_the_string():
     backend = OpenCLIPBackend(model_name=MICRO, pretrained=None, device="cpu")
     long_prompt = "a photo of " + "a very " * 40 + "cat."
     with pytest.raises(ValueError, match="longer than the model's context length"):
-        score_prompt_sets(backend, to_pil_images(np.zeros((1, 8, 8), np.uint8)), [["a dog.", long_prompt]])
+        backend.text_scores(to_pil_images(np.zeros((1, 8, 8), np.uint8)), [["a dog.", long_prompt]])
 
 
 def test_text_backend_pickles_and_clones_without_weights():

@@ -14,11 +14,10 @@ from PIL import Image
 
 pytest.importorskip("httpx")
 
-from skcarrot.backends import OpenCLIPTextBackend, TextBlackBox, TextQueryCounter, ZeroShotHTTPBackend  # noqa: E402
-from skcarrot.backends.text import log_probabilities  # noqa: E402
+from skcarrot.backends import OpenCLIPTextBackend, QueryCounter, TextBlackBox, ZeroShotHTTPBackend  # noqa: E402
+from skcarrot.backends._base import log_probabilities  # noqa: E402
 from skcarrot.datasets import DIGIT_WORDS, load_digit_images  # noqa: E402
 from skcarrot.images import to_pil_images  # noqa: E402
-from skcarrot.text_prompt import TextPromptSearch, run_text_prompt_search  # noqa: E402
 
 TOKEN = "test-secret"
 
@@ -132,7 +131,7 @@ def test_gives_up_after_max_retries(digits, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with ZeroShotServer(fail_first=100) as server:
         door = ZeroShotHTTPBackend(server.url, max_concurrency=1, max_retries=2, backoff=0.001)
-        with pytest.raises(ConnectionError, match="503 after 3 attempt"):
+        with pytest.raises(ConnectionError, match="failed after 3 attempt.*HTTP 503"):
             door.text_scores(images[:1], [["a cat.", "a dog."]])
     assert server.calls == 3
 
@@ -141,7 +140,7 @@ def test_token_comes_from_the_environment_and_is_never_pickled(digits, monkeypat
     images, _ = digits
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with ZeroShotServer() as server:
-        with pytest.raises(PermissionError, match="refused the request \\(401\\).*HF_TOKEN"):
+        with pytest.raises(PermissionError, match="refused the token \\(401\\).*HF_TOKEN"):
             ZeroShotHTTPBackend(server.url, max_retries=0).text_scores(images[:1], [["a cat.", "a dog."]])
         monkeypatch.setenv("MY_TOKEN", TOKEN)
         assert ZeroShotHTTPBackend(server.url, token_env="MY_TOKEN").text_scores(
@@ -165,16 +164,19 @@ def test_concurrency_is_bounded(digits, monkeypatch):
 
 
 def test_end_to_end_search_through_the_endpoint_stays_within_budget(digits, monkeypatch):
+    from helpers import search_alone
+
+    from skcarrot.search import TextPromptSearch
+
     images, y = digits
     keep = y < 3
     train, y_train = [img for img, k in zip(images, keep) if k], y[keep]
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     names = list(DIGIT_WORDS[:3])
     with ZeroShotServer() as server:
-        counter = TextQueryCounter(ZeroShotHTTPBackend(server.url, max_concurrency=8), budget=13)
         search = TextPromptSearch(names, vocabulary=["circle", "stick", "swan", "snake", "egg", "hook"],
                                   strings_per_query=6, n_candidates=2, popsize=4, random_state=0)
-        run_text_prompt_search(counter, train, y_train, search)
+        counter = search_alone(ZeroShotHTTPBackend(server.url, max_concurrency=8), train, y_train, search, budget=13)
     assert search.n_screening_queries() == 2
     assert counter.n_queries == 2 + 2 * 4 <= 13  # two screening queries, then two steps of four
     assert server.calls == counter.n_pairs_scored == counter.n_queries * len(train)
@@ -205,3 +207,27 @@ def test_carrot_classifier_fits_end_to_end_through_the_endpoint(digits, monkeypa
     assert server.calls == fit_calls + len(train)  # predict: one prompt set, one call per image
     assert proba.shape == (len(train), 3) and np.allclose(proba.sum(1), 1.0)
     assert all(p.startswith("a photo of a ") for p in clf.prompt_)
+
+
+def test_retry_after_as_an_http_date_sets_the_least_wait():
+    import email.utils
+
+    from skcarrot.backends.remote._client import retry_after_seconds
+
+    door = ZeroShotHTTPBackend("http://127.0.0.1:9/none", backoff=0.001)
+    wait = retry_after_seconds(email.utils.formatdate(time.time() + 30, usegmt=True))
+    assert 28 <= wait <= 30
+    assert 28 <= door._delay(0, wait) <= 30 * 1.1
+    assert door._delay(0, retry_after_seconds("2")) >= 2.0
+    assert door._delay(3, None) <= 0.008  # full jitter below backoff * 2**attempt
+
+
+def test_the_client_is_built_again_in_a_forked_process():
+    import os
+
+    door = ZeroShotHTTPBackend("http://127.0.0.1:9/none")
+    first = door._http()
+    assert door._http() is first
+    door._runtime()["pid"] = -1  # as a child process finds the state it inherited
+    assert door._http() is not first and door._runtime()["pid"] == os.getpid()
+    assert door.n_calls_ == 0

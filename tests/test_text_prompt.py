@@ -3,18 +3,13 @@
 import numpy as np
 import pytest
 
-from skcarrot.backends import OpenCLIPTextBackend, TextQueryCounter
-from skcarrot.backends.text import log_probabilities
+from skcarrot.backends import OpenCLIPTextBackend, QueryCounter
+from skcarrot.backends._base import log_probabilities
 from skcarrot.datasets import DIGIT_WORDS
 from skcarrot.images import to_pil_images
-from skcarrot.text_prompt import (
-    TextPromptSearch,
-    cross_entropy_fitness,
-    run_text_prompt_search,
-    tokenizer_words,
-)
+from skcarrot.search import TextPromptSearch, tokenizer_words
 
-from helpers import digits_split
+from helpers import digits_split, search_alone
 
 
 class SoftmaxDoor:
@@ -75,9 +70,8 @@ def test_tokenizer_words_are_single_lowercase_words():
 def test_search_learns_wordings_that_beat_zero_shot_on_held_out_digits(split, words):
     train, ytr, test, yte = split
     names = list(DIGIT_WORDS)
-    counter = TextQueryCounter(OpenCLIPTextBackend(), budget=101)
     search = TextPromptSearch(names, vocabulary=words, popsize=10, random_state=np.random.RandomState(0))
-    run_text_prompt_search(counter, train, ytr, search)
+    counter = search_alone(OpenCLIPTextBackend(), train, ytr, search, budget=101)
     zero_shot = held_out(search.class_prompts(), test, yte)
     learned = held_out(search.current(), test, yte)
     assert counter.n_queries == 101 and counter.by_purpose == {"screen": 1, "prompt": 100}
@@ -89,10 +83,9 @@ def test_search_is_seeded_and_leaves_numpy_global_state_alone(split, words):
     state = np.random.get_state()[1].copy()
     runs = []
     for _ in range(2):
-        counter = TextQueryCounter(OpenCLIPTextBackend(), budget=31)
         search = TextPromptSearch(list(DIGIT_WORDS), vocabulary=words, n_words=500, popsize=10,
                                   random_state=np.random.RandomState(7))
-        run_text_prompt_search(counter, train, ytr, search)
+        search_alone(OpenCLIPTextBackend(), train, ytr, search, budget=31)
         runs.append((search.candidates_, search.current()))
     assert runs[0] == runs[1]
     np.testing.assert_array_equal(np.random.get_state()[1], state)
@@ -100,21 +93,19 @@ def test_search_is_seeded_and_leaves_numpy_global_state_alone(split, words):
 
 def test_never_sends_an_over_budget_query():
     door = Likes(["kitten", "puppy"])
-    counter = TextQueryCounter(door, budget=25)
     search = TextPromptSearch(["cat", "dog"], vocabulary=["kitten", "puppy", "box", "tree"],
                               popsize=10, random_state=0)
-    run_text_prompt_search(counter, ["img"] * 4, np.array([0, 1, 0, 1]), search, n_steps=100)
+    counter = search_alone(door, ["img"] * 4, np.array([0, 1, 0, 1]), search, budget=25, n_steps=100)
     assert door.sent == [1, 10, 10]  # screening, then as many whole steps as fit
     assert counter.n_queries == 21 <= 25
 
 
 def test_policy_gradient_finds_the_known_best_wording():
     door = Likes(["kitten", "puppy"])
-    counter = TextQueryCounter(door)
     search = TextPromptSearch(["cat", "dog"], candidates=[["tabby", "kitten", "box"], ["puppy", "hound", "tree"]],
                               popsize=8, random_state=0)
     before = search.current()
-    run_text_prompt_search(counter, ["img"] * 4, np.array([0, 1, 0, 1]), search, n_steps=30)
+    search_alone(door, ["img"] * 4, np.array([0, 1, 0, 1]), search, n_steps=30)
     assert before == ["a photo of a cat.", "a photo of a dog."]  # the classes' own names start on top
     assert search.current() == ["a photo of a kitten.", "a photo of a puppy."]
     assert search.candidates_[0][0] == "cat"  # the own name stays a candidate
@@ -126,11 +117,11 @@ def test_screening_on_probabilities_in_chunks_matches_logits_in_one_query(split,
     vocabulary = words[:300]
     kwargs = dict(vocabulary=vocabulary, n_candidates=4, random_state=0)
     one = TextPromptSearch(list(DIGIT_WORDS), **kwargs)
-    one_counter = TextQueryCounter(OpenCLIPTextBackend())
+    one_counter = QueryCounter(OpenCLIPTextBackend())
     one.screen(one_counter, train, ytr)
     door = SoftmaxDoor()
     chunked = TextPromptSearch(list(DIGIT_WORDS), strings_per_query=50, **kwargs)
-    chunked_counter = TextQueryCounter(door)
+    chunked_counter = QueryCounter(door)
     chunked.screen(chunked_counter, train, ytr)
     assert one_counter.n_queries == 1
     assert chunked_counter.n_queries == chunked.n_screening_queries() == 8 == len(door.sent)  # ceil(300 / 40)
@@ -142,33 +133,18 @@ def test_screening_keeps_each_word_for_one_class_and_the_own_name_first(split, w
     train, ytr, _, _ = split
     search = TextPromptSearch(list(DIGIT_WORDS), vocabulary=words[:500] + ["seven"], n_candidates=5,
                               random_state=0)
-    candidates = search.screen(TextQueryCounter(OpenCLIPTextBackend()), train, ytr)
+    candidates = search.screen(QueryCounter(OpenCLIPTextBackend()), train, ytr)
     assert [c[0] for c in candidates] == list(DIGIT_WORDS)
     extra = [w for c in candidates for w in c[1:]]
     assert len(extra) == len(set(extra)) and "seven" not in extra
     assert all(len(c) <= 6 for c in candidates)
 
 
-def test_fitness_callable_replaces_the_cross_entropy():
-    seen = []
-
-    def inverted(log_probs, y):
-        seen.append(log_probs.shape)
-        return -cross_entropy_fitness(log_probs, y)  # prefers the worst wording
-
-    search = TextPromptSearch(["cat", "dog"], candidates=[["kitten"], ["puppy"]], popsize=6, random_state=0)
-    run_text_prompt_search(TextQueryCounter(Likes(["kitten", "puppy"])), ["img"] * 4, np.array([0, 1, 0, 1]),
-                           search, n_steps=20, fitness=inverted)
-    assert seen[0] == (6, 4, 2)
-    assert search.current() == ["a photo of a cat.", "a photo of a dog."]
-
-
 def test_templates_are_searched_when_several_are_given():
     search = TextPromptSearch(["cat", "dog"], templates=("a photo of a {}.", "a {} drawing."),
                               candidates=[["kitten"], ["puppy"]], popsize=5, random_state=0)
-    choices = search.ask()
-    assert choices.shape == (5, 3)
-    sets = search.prompt_sets(choices)
+    choices, sets = search.ask()
+    assert choices.shape == (5, 3) and sets == search.prompt_sets(choices)
     assert all(s[0].endswith(".") and ("photo" in s[0]) == ("photo" in s[1]) for s in sets)
 
 
@@ -192,10 +168,4 @@ def test_invalid_settings_are_refused(kwargs, message):
 def test_tell_checks_the_fitness_shape():
     search = TextPromptSearch(["cat", "dog"], candidates=[["kitten"], ["puppy"]], popsize=4, random_state=0)
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
-        search.tell(search.ask(), np.zeros(3))
-
-
-def test_unbounded_budget_needs_a_step_count():
-    search = TextPromptSearch(["cat", "dog"], candidates=[["kitten"], ["puppy"]], random_state=0)
-    with pytest.raises(ValueError, match="n_steps"):
-        run_text_prompt_search(TextQueryCounter(Likes(["kitten", "puppy"])), ["img"] * 2, np.array([0, 1]), search)
+        search.tell(search.ask()[0], np.zeros(3))

@@ -1,24 +1,34 @@
-"""The door between the estimator and a vision-language model.
+"""The doors between the estimator and a vision-language model.
 
-:class:`BlackBoxVLM` is the whole protocol: ``context_shape`` and
-``logits(images, class_names, offsets)``. :class:`QueryCounter` counts every
-prompt scored and enforces the query budget. :class:`OpenCLIPBackend` serves
-any open_clip model through the protocol; :class:`ToyBackend` is a tiny
-deterministic stand-in for tests and examples. :class:`HTTPBackend` reaches a
-model served by ``skcarrot serve`` over HTTP.
+:class:`BlackBoxVLM` is the embedding-level door: ``context_shape`` and
+``logits(images, class_names, offsets)``. :class:`TextBlackBox` is the
+text-level door: ``returns`` and ``text_scores(images, prompts)``, prompt
+strings instead of offsets, as hosted endpoints take. :class:`QueryCounter`
+counts every query scored through either door and enforces the query budget.
 
-The text-level door, :class:`TextBlackBox` (``returns`` and
-``text_scores(images, prompts)``), takes prompt strings instead of offsets, as
-hosted endpoints do; :class:`TextQueryCounter` counts it the same way.
+:class:`OpenCLIPBackend` serves any open_clip model through both doors
+(:class:`OpenCLIPTextBackend` is its text door alone); :class:`ToyBackend` is a
+tiny deterministic stand-in for tests and examples. :class:`HTTPBackend`
+reaches a model served by ``skcarrot serve`` over HTTP (both doors);
+:class:`ZeroShotHTTPBackend` any zero-shot-image-classification endpoint (the
+text door).
 """
 
-from ._base import BlackBoxVLM, QueryCounter
-from .embedded import embedded_backend
-from .http import HTTPBackend
+from ._base import BlackBoxVLM, QueryCounter, TextBlackBox
+from .embedded import OpenCLIPTextBackend, embedded_backend
 from .openclip import OpenCLIPBackend, register_model_configs
-from .text import OpenCLIPTextBackend, TextBlackBox, TextQueryCounter, ZeroShotHTTPBackend
+from .remote import HTTPBackend, ZeroShotHTTPBackend
 from .toy import ToyBackend
 
-__all__ = ["BlackBoxVLM", "QueryCounter", "OpenCLIPBackend", "ToyBackend", "register_model_configs", "embedded_backend"]
-__all__ += ["TextBlackBox", "TextQueryCounter", "OpenCLIPTextBackend", "ZeroShotHTTPBackend"]
-__all__ += ["HTTPBackend"]
+__all__ = [
+    "BlackBoxVLM",
+    "TextBlackBox",
+    "QueryCounter",
+    "OpenCLIPBackend",
+    "OpenCLIPTextBackend",
+    "ToyBackend",
+    "HTTPBackend",
+    "ZeroShotHTTPBackend",
+    "embedded_backend",
+    "register_model_configs",
+]

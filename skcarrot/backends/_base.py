@@ -1,22 +1,39 @@
-"""The door: the only way the estimator talks to a vision-language model.
+"""The two doors between the estimator and a vision-language model, and the counter on both.
 
-A black-box model accepts images, class names and prompt offsets and returns
-logits. Nothing else crosses: no features, no embeddings, no gradients.
-Every prompt scored is one *query*; :class:`QueryCounter` counts them and
-refuses, before the model is reached, any call that would overspend.
+The *embedding* door (:class:`BlackBoxVLM`) takes images, class names and
+prompt offsets and returns logits. The *text* door (:class:`TextBlackBox`)
+takes images and prompt strings and returns probabilities or logits, as hosted
+endpoints do. Nothing else crosses: no features, no embeddings, no gradients.
+Every prompt (embedding door) or prompt set (text door) scored is one *query*;
+:class:`QueryCounter` counts them on either door and refuses, before the model
+is reached, any call that would overspend.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .._math import log_softmax
 from .._validation import check_backend, check_logits, check_offsets
 from ..exceptions import QueryBudgetExceededError
 
-__all__ = ["BlackBoxVLM", "QueryCounter"]
+__all__ = [
+    "BlackBoxVLM",
+    "QueryCounter",
+    "RETURNS",
+    "TextBlackBox",
+    "check_prompt_sets",
+    "check_text_scores",
+    "context_shape_of",
+    "log_probabilities",
+    "returns_of",
+]
+
+#: What a text-level black box may return.
+RETURNS = ("probabilities", "logits")
 
 
 @runtime_checkable
@@ -58,6 +75,45 @@ class BlackBoxVLM(Protocol):
         ...  # pragma: no cover
 
 
+@runtime_checkable
+class TextBlackBox(Protocol):
+    """What a text-level black box must offer: two members.
+
+    Attributes
+    ----------
+    returns : {"probabilities", "logits"}
+        What :meth:`text_scores` returns. Probabilities are read as a softmax
+        over the strings of one prompt set (what CLIP endpoints return), so
+        their logarithms are logits up to a constant per image and prompt set.
+
+    Methods
+    -------
+    text_scores(images, prompts)
+        Score every image against every string of each prompt set. ``images`` is
+        a sequence of RGB :class:`PIL.Image.Image`; ``prompts`` a sequence of
+        ``P`` prompt sets, each a sequence of full prompt strings (usually one
+        per class, e.g. ``"a photo of a cat."``), all of the same length ``L``.
+        Returns an array ``(P, n_images, L)``. Each prompt set is one query.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.backends import TextBlackBox
+    >>> class Uniform:
+    ...     returns = "probabilities"
+    ...     def text_scores(self, images, prompts):
+    ...         n_strings = len(prompts[0])
+    ...         return np.full((len(prompts), len(images), n_strings), 1.0 / n_strings)
+    >>> isinstance(Uniform(), TextBlackBox)
+    True
+    """
+
+    returns: str
+
+    def text_scores(self, images: Sequence[Any], prompts: Sequence[Sequence[str]]) -> np.ndarray:
+        ...  # pragma: no cover
+
+
 def context_shape_of(backend: Any) -> tuple[int, int]:
     """Read and validate ``backend.context_shape``."""
     try:
@@ -78,23 +134,180 @@ def context_shape_of(backend: Any) -> tuple[int, int]:
     return n_ctx, dim
 
 
-class QueryCounter:
-    """Wrap a black-box model, count every prompt it scores, enforce a budget.
+def returns_of(backend: Any) -> str:
+    """Read and validate ``backend.returns`` of a text-level black box.
+
+    Examples
+    --------
+    >>> from skcarrot.backends import OpenCLIPTextBackend
+    >>> from skcarrot.backends._base import returns_of
+    >>> returns_of(OpenCLIPTextBackend())
+    'logits'
+    """
+    try:
+        returns = backend.returns
+    except AttributeError as exc:
+        raise TypeError(
+            f"backend {type(backend).__name__} has no 'returns'; a text-level black box needs "
+            "'returns' ('probabilities' or 'logits') and 'text_scores(images, prompts)'"
+        ) from exc
+    if returns not in RETURNS:
+        raise ValueError(f"backend.returns must be one of {RETURNS}, got {returns!r}")
+    return returns
+
+
+def check_prompt_sets(prompts: Any) -> list[tuple[str, ...]]:
+    """Validate ``P`` prompt sets of the same length; return them as tuples of str.
 
     Parameters
     ----------
-    backend : BlackBoxVLM
+    prompts : sequence of sequence of str
+        ``P >= 1`` prompt sets, each of ``L >= 1`` non-empty strings.
+
+    Returns
+    -------
+    prompts : list of tuple of str
+
+    Raises
+    ------
+    ValueError
+        If there is no prompt set, one is empty or of another length than the
+        first, or a string is empty; the message gives the index.
+    TypeError
+        If a prompt set is a bare string or holds something that is not a str.
+
+    Examples
+    --------
+    >>> from skcarrot.backends._base import check_prompt_sets
+    >>> check_prompt_sets([["a cat.", "a dog."]])
+    [('a cat.', 'a dog.')]
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of prompt sets (sequences of str), got a single str")
+    sets = list(prompts)
+    if not sets:
+        raise ValueError("expected at least one prompt set, got none")
+    out = []
+    for i, prompt_set in enumerate(sets):
+        if isinstance(prompt_set, str):
+            raise TypeError(
+                f"prompt set {i} is a str ({prompt_set!r}); each prompt set is a sequence of "
+                "strings, one per class: wrap it, e.g. [[...]]"
+            )
+        strings = tuple(prompt_set)
+        if not strings:
+            raise ValueError(f"prompt set {i} is empty; give one prompt string per class")
+        for j, s in enumerate(strings):
+            if not isinstance(s, str):
+                raise TypeError(f"prompt set {i}, string {j} is a {type(s).__name__}, expected str")
+            if not s.strip():
+                raise ValueError(f"prompt set {i}, string {j} is empty")
+        if strings and out and len(strings) != len(out[0]):
+            raise ValueError(
+                f"prompt set {i} has {len(strings)} strings but prompt set 0 has {len(out[0])}; "
+                "every prompt set of one call must have the same length"
+            )
+        out.append(strings)
+    return out
+
+
+def check_text_scores(scores: Any, expected: tuple[int, int, int], returns: str) -> np.ndarray:
+    """Check what a text-level black box returned: shape, finiteness, range of probabilities.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.backends._base import check_text_scores
+    >>> check_text_scores(np.full((1, 2, 2), 0.5), (1, 2, 2), "probabilities").dtype
+    dtype('float64')
+    """
+    out = np.asarray(scores, dtype=np.float64)
+    if out.shape != expected:
+        raise ValueError(
+            f"backend.text_scores returned shape {out.shape}, expected {expected} "
+            "(prompt sets, images, strings per set)"
+        )
+    if not np.all(np.isfinite(out)):
+        bad = np.argwhere(~np.isfinite(out))[0]
+        raise ValueError(
+            f"backend.text_scores returned non-finite values (first at prompt set {bad[0]}, image {bad[1]})"
+        )
+    if returns == "probabilities" and (out.min() < 0.0 or out.max() > 1.0 + 1e-6):
+        raise ValueError(
+            f"backend.text_scores returned probabilities outside [0, 1] (min {out.min():.3g}, "
+            f"max {out.max():.3g}); a backend that returns logits must say returns='logits'"
+        )
+    return out
+
+
+def log_probabilities(scores: np.ndarray, returns: str, floor: float = 1e-12) -> np.ndarray:
+    """Log-probabilities over the last axis from what a text-level door returned.
+
+    Logits go through a log-softmax. Probabilities are floored at ``floor``
+    (endpoints may round tiny ones to 0) and renormalised, so rows sum to one
+    even over a subset of the strings scored.
+
+    Parameters
+    ----------
+    scores : ndarray of shape (..., n_strings)
+    returns : {"probabilities", "logits"}
+    floor : float, default=1e-12
+
+    Returns
+    -------
+    log_probs : ndarray of the same shape
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.backends._base import log_probabilities
+    >>> np.exp(log_probabilities(np.array([[0.0, 0.0]]), "logits")).round(2)
+    array([[0.5, 0.5]])
+    >>> np.exp(log_probabilities(np.array([[0.2, 0.2]]), "probabilities")).round(2)
+    array([[0.5, 0.5]])
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if returns == "logits":
+        z = scores
+    elif returns == "probabilities":
+        z = np.log(np.maximum(scores, floor))
+    else:
+        raise ValueError(f"returns must be one of {RETURNS}, got {returns!r}")
+    return log_softmax(z)
+
+
+class QueryCounter:
+    """Wrap a black-box model, count every query it scores on either door, enforce a budget.
+
+    One counter serves both doors: :meth:`logits` (the embedding door, one
+    query per prompt offset) and :meth:`text_scores` (the text door, one query
+    per prompt set). A backend needs only the door it is used through: its
+    ``context_shape`` and ``returns`` are read on the first call of their door.
+
+    Counting rule: a call handed to the backend is counted whether it returned
+    or raised (the model may have done and billed the work), and counted in
+    full, whatever came back. A call refused by the budget check (or by the
+    validation of its arguments) never reaches the backend and is not counted.
+
+    Parameters
+    ----------
+    backend : BlackBoxVLM or TextBlackBox
         The model behind the door.
-    budget : int or None
-        Most queries allowed in total; ``None`` means unlimited.
+    budget : int or None, default=None
+        Most queries allowed in total, both doors together; ``None`` means unlimited.
 
     Attributes
     ----------
     n_queries : int
-        Queries spent so far: one per prompt scored.
+        Queries spent so far: prompts (embedding door) and prompt sets (text
+        door) scored. A prompt set with more strings than classes (as in
+        screening candidate names) is still one query.
     n_images_scored : int
         Images sent so far, summed over calls: one image forward pass each for a
         model that encodes every image it receives once per call.
+    n_pairs_scored : int
+        Prompt x image pairs scored so far, summed over calls: the number of
+        calls a one-image-per-call HTTP endpoint receives.
     by_purpose : dict of str to int
         Queries, split by the ``purpose`` given to each call.
     images_by_purpose : dict of str to int
@@ -103,31 +316,79 @@ class QueryCounter:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot.backends import QueryCounter
-    >>> class Constant:
-    ...     context_shape = (1, 2)
-    ...     def logits(self, images, class_names, offsets):
-    ...         return np.zeros((len(offsets), len(images), len(class_names)))
-    >>> box = QueryCounter(Constant(), budget=3)
-    >>> box.logits(["img"], ["cat", "dog"], np.zeros((2, 1, 2)), purpose="prompt").shape
+    >>> from PIL import Image
+    >>> from skcarrot.backends import QueryCounter, ToyBackend
+    >>> box = QueryCounter(ToyBackend(), budget=3)
+    >>> box.logits([Image.new("RGB", (8, 8))], ["cat", "dog"], np.zeros((2, 2, 8)), purpose="prompt").shape
     (2, 1, 2)
     >>> box.n_queries, box.n_images_scored, box.remaining
     (2, 1, 1)
+
+    The text door, on a backend that offers only it:
+
+    >>> class Uniform:
+    ...     returns = "probabilities"
+    ...     def text_scores(self, images, prompts):
+    ...         return np.full((len(prompts), len(images), len(prompts[0])), 0.5)
+    >>> counter = QueryCounter(Uniform(), budget=3)
+    >>> counter.text_scores(["img"] * 4, [["a cat.", "a dog."]] * 2, purpose="prompt").shape
+    (2, 4, 2)
+    >>> counter.n_queries, counter.n_images_scored, counter.n_pairs_scored, counter.remaining
+    (2, 4, 8, 1)
     """
 
     def __init__(self, backend: Any, budget: int | None = None) -> None:
-        self.backend = check_backend(backend)
+        if getattr(backend, "text_scores", None) is None:
+            check_backend(backend)  # no text door: the embedding door must be there
+        self.backend = backend
         self.budget = budget
-        self.context_shape = context_shape_of(backend)
         self.n_queries = 0
         self.n_images_scored = 0
+        self.n_pairs_scored = 0
         self.by_purpose: dict[str, int] = {}
         self.images_by_purpose: dict[str, int] = {}
+        self._context_shape: tuple[int, int] | None = None
+        self._returns: str | None = None
 
     @property
     def remaining(self) -> int | None:
         """Queries left, or ``None`` when unlimited."""
         return None if self.budget is None else self.budget - self.n_queries
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        """The backend's ``(n_ctx, dim)``, read and checked once (embedding door)."""
+        if self._context_shape is None:
+            self._context_shape = context_shape_of(check_backend(self.backend))
+        return self._context_shape
+
+    @property
+    def returns(self) -> str:
+        """What the backend's ``text_scores`` returns, read and checked once (text door)."""
+        if self._returns is None:
+            self._returns = returns_of(self.backend)
+        return self._returns
+
+    def _spend(self, n_queries: int, n_images: int, what: str, purpose: str, call: Callable[[], Any]) -> Any:
+        """Budget check, then the call, then the count: the same for both doors.
+
+        A call refused here is not sent and not counted; a call handed to the
+        backend is counted whether it returned or raised.
+        """
+        remaining = self.remaining
+        if remaining is not None and n_queries > remaining:
+            raise QueryBudgetExceededError(
+                f"scoring {n_queries} {what} would exceed the query budget of "
+                f"{self.budget} ({self.n_queries} spent, {remaining} left); the call was not sent"
+            )
+        try:
+            return call()
+        finally:
+            self.n_queries += n_queries
+            self.n_images_scored += n_images
+            self.n_pairs_scored += n_queries * n_images
+            self.by_purpose[purpose] = self.by_purpose.get(purpose, 0) + n_queries
+            self.images_by_purpose[purpose] = self.images_by_purpose.get(purpose, 0) + n_images
 
     def logits(
         self,
@@ -136,7 +397,7 @@ class QueryCounter:
         offsets: np.ndarray,
         purpose: str = "other",
     ) -> np.ndarray:
-        """Score ``images`` x ``class_names`` under each prompt in ``offsets``.
+        """Score ``images`` x ``class_names`` under each prompt in ``offsets`` (embedding door).
 
         Parameters
         ----------
@@ -162,17 +423,59 @@ class QueryCounter:
         """
         offsets = check_offsets(offsets, self.context_shape)
         n_prompts = offsets.shape[0]
-        remaining = self.remaining
-        if remaining is not None and n_prompts > remaining:
-            raise QueryBudgetExceededError(
-                f"scoring {n_prompts} prompt(s) would exceed the query budget of "
-                f"{self.budget} ({self.n_queries} spent, {remaining} left); "
-                "the call was not sent"
-            )
-        out = self.backend.logits(images, class_names, offsets)
-        # Count what was sent, whatever came back: the model did the work.
-        self.n_queries += n_prompts
-        self.n_images_scored += len(images)
-        self.by_purpose[purpose] = self.by_purpose.get(purpose, 0) + n_prompts
-        self.images_by_purpose[purpose] = self.images_by_purpose.get(purpose, 0) + len(images)
+        out = self._spend(
+            n_prompts, len(images), "prompt(s)", purpose, lambda: self.backend.logits(images, class_names, offsets)
+        )
         return check_logits(out, (n_prompts, len(images), len(class_names)), self.backend)
+
+    def text_scores(
+        self, images: Sequence[Any], prompts: Sequence[Sequence[str]], purpose: str = "other"
+    ) -> np.ndarray:
+        """Score ``images`` against every string of each prompt set (text door).
+
+        Parameters
+        ----------
+        images : sequence of PIL.Image.Image
+            Images, scored under every prompt set.
+        prompts : sequence of sequence of str
+            ``P`` prompt sets of ``L`` strings each (one query each).
+        purpose : str, default="other"
+            Label for the accounting in :attr:`by_purpose`.
+
+        Returns
+        -------
+        scores : ndarray of shape (P, n_images, L)
+            Float64 probabilities or logits, as :attr:`returns` says.
+
+        Raises
+        ------
+        QueryBudgetExceededError
+            If the call would spend more than the remaining budget; the model is
+            not called.
+        """
+        returns = self.returns
+        sets = check_prompt_sets(prompts)
+        images = list(images)
+        if not images:
+            raise ValueError("expected at least one image to score, got none")
+        out = self._spend(
+            len(sets), len(images), "prompt set(s)", purpose, lambda: self.backend.text_scores(images, sets)
+        )
+        return check_text_scores(out, (len(sets), len(images), len(sets[0])), returns)
+
+    def log_probabilities(
+        self, images: Sequence[Any], prompts: Sequence[Sequence[str]], purpose: str = "other"
+    ) -> np.ndarray:
+        """As :meth:`text_scores`, turned into log-probabilities over each prompt set's strings.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from skcarrot.backends import OpenCLIPTextBackend, QueryCounter
+        >>> counter = QueryCounter(OpenCLIPTextBackend())
+        >>> from PIL import Image
+        >>> logp = counter.log_probabilities([Image.new("RGB", (8, 8))], [["a one.", "a two."]])
+        >>> logp.shape, bool(np.allclose(np.exp(logp).sum(-1), 1.0))
+        ((1, 1, 2), True)
+        """
+        return log_probabilities(self.text_scores(images, prompts, purpose=purpose), self.returns)

@@ -1,8 +1,11 @@
-"""A black box built on any open_clip model.
+"""A black box built on any open_clip model, behind both doors.
 
-Weights, image features and token embeddings stay in this module. Loaded models
-live in a process-level cache keyed by the backend's parameters, so cloning or
-pickling a backend (or an estimator holding one) never copies weights.
+Weights, image features, text features and token embeddings stay in this
+module. Loaded models live in a process-level cache keyed by the backend's
+parameters, so cloning or pickling a backend (or an estimator holding one)
+never copies weights. :class:`OpenCLIPBackend` offers the embedding door
+(``logits``) and the text door (``text_scores``); :class:`OpenCLIPTextBackend`
+is a view of it that offers only the text door.
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ from sklearn.base import BaseEstimator
 from .._validation import check_offsets
 from .._threads import threads_for, torch_threads
 from ..exceptions import WeightsUnavailableError
+from ._base import check_prompt_sets
 from ._prefix import encode_shared_prefix, supports_prefix_sharing
 
-__all__ = ["OpenCLIPBackend", "WhiteBoxAccess", "register_model_configs"]
+__all__ = ["OpenCLIPBackend", "OpenCLIPTextBackend", "WhiteBoxAccess", "register_model_configs"]
 
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
 _MODELS: dict[tuple, "_LoadedBox"] = {}
 _LOCK = threading.Lock()
 _RANDOM_INIT_SEED = 0
 _MAX_CACHED_IMAGES = 50_000
+_MAX_CACHED_TEXTS = 200_000
 _SEQUENCES_PER_CHUNK = 2048
+_TEXTS_PER_CHUNK = 1024
 
 
 def register_model_configs(path: str | os.PathLike | None = None) -> None:
@@ -122,6 +128,7 @@ class _LoadedBox:
         self.share_prefix = supports_prefix_sharing(tower)
         self.n_ctx, self.ctx_tokens = self._context_tokens(template)
         self.image_features: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.string_features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.class_tokens: dict[tuple[str, ...], torch.Tensor] = {}
 
     def _context_tokens(self, template: str) -> tuple[int, torch.Tensor]:
@@ -231,23 +238,67 @@ class _LoadedBox:
             out.append(x.reshape(p, n_classes, -1))
         return torch.cat(out)
 
-    def logits(self, images: Sequence[Any], class_names: Sequence[str], offsets: np.ndarray) -> np.ndarray:
+    def encode_strings(self, strings: Sequence[str]) -> torch.Tensor:
+        """Normalised text features ``(S, E)`` of full prompt strings, cached per string.
+
+        Called with :attr:`lock` held and in inference mode.
+        """
+        cache = self.string_features
+        missing = [s for s in dict.fromkeys(strings) if s not in cache]
+        for start in range(0, len(missing), _TEXTS_PER_CHUNK):
+            chunk = missing[start : start + _TEXTS_PER_CHUNK]
+            tokens = self.tokenizer(chunk)
+            too_long = [s for s, row in zip(chunk, tokens) if int(row[-1]) != 0]
+            if too_long:
+                raise ValueError(
+                    f"{len(too_long)} prompt string(s) are longer than the model's context length "
+                    f"({tokens.shape[1]} tokens), e.g. {too_long[0]!r}; shorten them"
+                )
+            feats = self.model.encode_text(tokens.to(self.device), normalize=True).float()
+            for s, f in zip(chunk, feats):
+                cache[s] = f
+        for s in strings:
+            cache.move_to_end(s)
+        while len(cache) > _MAX_CACHED_TEXTS:
+            cache.popitem(last=False)
+        return torch.stack([cache[s] for s in strings])
+
+    @contextlib.contextmanager
+    def _scoring(self, n_sequences: int):
+        """One scoring call: the lock, inference mode, a thread count sized to the text encoding, autocast."""
         width = self.dim
         layers = len(getattr(self.tower.transformer, "resblocks", [None]))
-        flops = 24.0 * len(offsets) * len(class_names) * 16 * width * width * layers
+        flops = 24.0 * n_sequences * 16 * width * width * layers
         threads = threads_for(flops) if self.device.type == "cpu" else None
         with self.lock, torch.inference_mode(), torch_threads(threads), self._autocast():
+            yield
+
+    def _scaled(self, product: Any) -> np.ndarray:
+        """``product(logit_scale)`` plus the model's ``logit_bias``, computed in fp32, as float64."""
+        with torch.autocast(device_type=self.device.type, enabled=False):  # the product in fp32
+            out = product(self.model.logit_scale.exp().float())
+            bias = getattr(self.model, "logit_bias", None)
+            if bias is not None:
+                out = out + bias.float()
+        return out.cpu().numpy().astype(np.float64)
+
+    def logits(self, images: Sequence[Any], class_names: Sequence[str], offsets: np.ndarray) -> np.ndarray:
+        with self._scoring(len(offsets) * len(class_names)):
             img = self.encode_images(images)  # (N, E)
             txt = self.encode_prompts(
                 self.tokens_for(class_names), torch.as_tensor(np.asarray(offsets, dtype=np.float32), device=self.device)
             )  # (P, C, E)
-            with torch.autocast(device_type=self.device.type, enabled=False):  # the product in fp32
-                scale = self.model.logit_scale.exp().float()
-                out = scale * torch.einsum("ne,pce->pnc", img.float(), txt.float())
-                bias = getattr(self.model, "logit_bias", None)
-                if bias is not None:
-                    out = out + bias.float()
-            return out.cpu().numpy().astype(np.float64)
+            return self._scaled(lambda scale: scale * torch.einsum("ne,pce->pnc", img.float(), txt.float()))
+
+    def text_scores(self, images: Sequence[Any], sets: Sequence[Sequence[str]]) -> np.ndarray:
+        strings = list(dict.fromkeys(s for prompt_set in sets for s in prompt_set))
+        column = {s: i for i, s in enumerate(strings)}
+        with self._scoring(len(strings)):
+            image_features = self.encode_images(images)  # (N, E)
+            text_features = self.encode_strings(strings)  # (S, E)
+            logits = self._scaled(lambda scale: scale * image_features.float() @ text_features.float().T)  # (N, S)
+        columns = np.array([[column[s] for s in prompt_set] for prompt_set in sets])  # (P, L)
+        return logits[:, columns].transpose(1, 0, 2)
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -372,12 +423,16 @@ class OpenCLIPBackend(BaseEstimator):
     ----------
     context_shape : tuple of (int, int)
         ``(n_ctx, dim)`` of the offsets accepted (loads the model on first use).
+    returns : str
+        ``"logits"``: :meth:`text_scores` makes this a text-level black box too
+        (see :class:`skcarrot.backends.TextBlackBox`).
 
     Notes
     -----
     The weights are loaded on first use into a process-level cache keyed by the
-    parameters, and image features are cached there per distinct image. A copy
-    made by :func:`sklearn.base.clone`, pickle or joblib holds only parameters.
+    parameters, and image features are cached there per distinct image (text
+    features per distinct prompt string). A copy made by
+    :func:`sklearn.base.clone`, pickle or joblib holds only parameters.
 
     Examples
     --------
@@ -391,6 +446,8 @@ class OpenCLIPBackend(BaseEstimator):
     >>> box.logits(to_pil_images(imgs), ["cat", "dog"], np.zeros((3, 4, 32))).shape
     (3, 1, 2)
     """
+
+    returns = "logits"
 
     def __init__(
         self,
@@ -465,6 +522,34 @@ class OpenCLIPBackend(BaseEstimator):
         """
         offsets = check_offsets(offsets, self.context_shape)
         return self._box().logits(images, list(class_names), offsets)
+
+    def text_scores(self, images: Sequence[Any], prompts: Sequence[Sequence[str]]) -> np.ndarray:
+        """Logits of every image against every string of each prompt set (the text door).
+
+        Every distinct string is encoded once (and cached across calls, as are the
+        image features), so ``P`` prompt sets that share most strings cost little
+        more than one. The ``template`` plays no part: the strings are full prompts.
+
+        Parameters
+        ----------
+        images : sequence of PIL.Image.Image
+        prompts : sequence of sequence of str
+            ``P`` prompt sets of ``L`` strings each.
+
+        Returns
+        -------
+        logits : ndarray of shape (P, n_images, L)
+            ``logit_scale * cos(image, text)`` (plus the model's ``logit_bias``), float64.
+
+        Examples
+        --------
+        >>> from PIL import Image
+        >>> from skcarrot.backends import embedded_backend
+        >>> sets = [["a photo of a one.", "a photo of a two."], ["a one.", "a two."]]
+        >>> embedded_backend().text_scores([Image.new("RGB", (8, 8))] * 3, sets).shape
+        (2, 3, 2)
+        """
+        return self._box().text_scores(images, check_prompt_sets(prompts))
 
 
 register_model_configs()

@@ -256,7 +256,7 @@ def _read_variant(name: str, root: Path) -> ImageSet:
 
 
 def _offline(name: str) -> ImageSet:
-    from . import FASHION_CLASSES, load_digit_images, load_fashion_mnist
+    from .offline import FASHION_CLASSES, load_digit_images, load_fashion_mnist
 
     empty = (np.zeros((0, 8, 8), np.uint8), np.zeros(0, dtype=np.int64))
     if name == "digits":

@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 from .app import app_from_env, create_app
+from .config import Settings
 from .ledger import Ledger
-from .settings import Settings
 
 __all__ = ["create_app", "app_from_env", "Ledger", "Settings"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -13,14 +12,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .config import Settings, settings_from_env
+from .db import Database
 from .deps import Server
 from .errors import ApiError
+from .image_store import ImageStore
 from .ledger import Ledger
 from .limits import BodyLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
-from .model import ModelService
 from .routers import account, images, ops, scoring, zero_shot
-from .settings import Settings
+from .scorer import Scorer
+from .validation import open_image
 
 __all__ = ["create_app", "app_from_env"]
 
@@ -48,7 +50,7 @@ def _clean_errors(errors: list) -> list:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build a server: ledger, model, routers, limits and metrics.
+    """Build a server: database, ledger, image store, model, routers, limits and metrics.
 
     Parameters
     ----------
@@ -70,17 +72,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     True
     """
     settings = Settings() if settings is None else settings
-    ledger = Ledger(settings.db_url, settings.rate_window_s, settings.idempotency_ttl_s)
+    db = Database(settings.db_url)
     metrics = Metrics()
-    server = Server(settings=settings, ledger=ledger, model=ModelService(settings), metrics=metrics)
+    max_pixels = settings.max_image_pixels
+    server = Server(
+        settings=settings,
+        db=db,
+        ledger=Ledger(db, settings.rate_window_s, settings.idempotency_ttl_s),
+        images=ImageStore(db, lambda raw: open_image(raw, max_pixels), settings.image_cache_size),
+        scorer=Scorer.from_settings(settings),
+        metrics=metrics,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Load the weights before the first request, not during it.
-        await run_in_threadpool(lambda: server.model.context_shape)
-        logger.info("serving %s, ledger %s", server.model.model_id, ledger.engine.url.render_as_string())
+        await run_in_threadpool(lambda: server.scorer.context_shape)
+        logger.info("serving %s, ledger %s", server.scorer.model_id, db.engine.url.render_as_string())
         yield
-        ledger.dispose()
+        db.dispose()
 
     app = FastAPI(
         title="skcarrot model server",
@@ -117,20 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def app_from_env() -> FastAPI:
     """The app ``skcarrot serve`` runs in each worker, configured by environment variables.
 
-    ``SKCARROT_DB``, ``SKCARROT_MODEL``, ``SKCARROT_PRETRAINED``, ``SKCARROT_TEMPLATE``,
-    ``SKCARROT_DEVICE``, ``SKCARROT_MAX_BODY_BYTES``, ``SKCARROT_RATE_WINDOW_S``. Used as a
+    See :func:`~skcarrot.serve.config.settings_from_env` for the variables. Used as a
     uvicorn factory (``uvicorn --factory skcarrot.serve.app:app_from_env``), so several
     workers can each build their own.
     """
-    env = os.environ
-    settings = Settings(
-        model_name=env.get("SKCARROT_MODEL") or None,
-        pretrained=env.get("SKCARROT_PRETRAINED") or None,
-        template=env.get("SKCARROT_TEMPLATE", "a photo of a {}."),
-        device=env.get("SKCARROT_DEVICE", "auto"),
-    )
-    if env.get("SKCARROT_MAX_BODY_BYTES"):
-        settings.max_body_bytes = int(env["SKCARROT_MAX_BODY_BYTES"])
-    if env.get("SKCARROT_RATE_WINDOW_S"):
-        settings.rate_window_s = float(env["SKCARROT_RATE_WINDOW_S"])
-    return create_app(settings)
+    return create_app(settings_from_env())

@@ -1,124 +1,158 @@
-"""Check-and-charge around a model call, with idempotent replays."""
+"""The charged endpoint, written once: validate, charge, score, refund on failure, answer.
+
+The key is authenticated by its dependency; then :meth:`ChargedRequest.run`
+checks the request (``prepare``), charges its queries with replay protection,
+runs the model, refunds the charge if the model fails, and answers (storing the
+answer for retries of its ``Idempotency-Key``).
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import Response
+from fastapi import Depends, Request, Response
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
-from .deps import Server
-from .errors import ApiError, retry_after_header
-from .ledger import BudgetExceeded, IdempotencyConflict, KeyRecord, RateLimited
+from .deps import CurrentKey, IdempotencyKey, Server, ServerDep
+from .errors import ApiError, invalid, retry_after_header
+from .idempotency import IdempotencyConflict, fingerprint
+from .ledger import BudgetExceeded, KeyRecord, RateLimited
+from .schemas import ErrorResponse
 
-__all__ = ["fingerprint", "charged_call"]
+__all__ = ["Job", "ChargedRequest", "ChargedRequestDep", "CHARGED_ERRORS"]
 
 logger = logging.getLogger("skcarrot.serve")
 
+#: The refusals every charged endpoint documents.
+CHARGED_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or unknown key"},
+    402: {"model": ErrorResponse, "description": "Query budget exhausted; the body gives `remaining`"},
+    413: {"model": ErrorResponse, "description": "Body too large"},
+    422: {"model": ErrorResponse, "description": "Invalid request; `loc` names the field"},
+    429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After"},
+}
 
-def fingerprint(path: str, body: bytes) -> str:
-    """Digest of a request: a reused Idempotency-Key must come with the same one."""
-    return hashlib.sha256(path.encode() + b"\n" + body).hexdigest()
 
+@dataclass(frozen=True)
+class Job:
+    """A checked request: what it costs and how to answer it.
 
-def charged_call(
-    server: Server,
-    key: KeyRecord,
-    n_prompts: int,
-    n_images: int,
-    idem_key: str | None,
-    request_digest: str,
-    compute: Callable[[int], Any],
-) -> Response:
-    """Charge ``n_prompts`` queries, run ``compute(remaining)``, store and return its JSON.
-
-    The charge is taken in one transaction before the model runs (402 over
-    budget, 429 over the rate limit: nothing charged). A request whose
-    ``Idempotency-Key`` already succeeded gets the stored response and is not
-    charged again; one whose earlier attempt was charged but never answered (a
-    server killed mid-request) runs again without a second charge. If the model
-    fails, the charge is refunded.
+    ``compute(remaining)`` runs the model and returns the JSON answer;
+    ``remaining`` is the key's budget after this charge.
     """
-    ledger, metrics = server.ledger, server.metrics
-    if key.rate_limit is not None and n_prompts > key.rate_limit:
-        # waiting would never help: refuse as invalid rather than rate limited
-        raise ApiError(
-            422,
-            [
-                {
-                    "loc": ["body"],
-                    "msg": f"{n_prompts} queries in one request, more than the key's rate limit of {key.rate_limit} "
-                    f"per {server.settings.rate_window_s:g} s; send fewer prompts per request",
-                    "type": "value_error.over_rate_limit",
-                }
-            ],
-        )
-    try:
-        charge = ledger.begin_charge(key.id, n_prompts, n_images, idem_key, request_digest)
-    except BudgetExceeded as exc:
-        metrics.refusals.labels("budget").inc()
-        raise ApiError(
+
+    n_prompts: int
+    n_images: int
+    compute: Callable[[int], Any]
+
+
+def _refusal(exc: Exception) -> tuple[str, ApiError]:
+    """The metric label and the answer of a charge the ledger refused (nothing charged)."""
+    if isinstance(exc, BudgetExceeded):
+        return "budget", ApiError(
             402,
             f"query budget exhausted: this request needs {exc.requested} queries and the key has "
             f"{exc.remaining} left of {exc.budget}; ask the model owner for more budget",
             remaining=exc.remaining,
             budget=exc.budget,
             requested=exc.requested,
-        ) from None
-    except RateLimited as exc:
-        metrics.refusals.labels("rate").inc()
-        raise ApiError(
+        )
+    if isinstance(exc, RateLimited):
+        return "rate", ApiError(
             429,
-            f"rate limit of {exc.limit} queries per {exc.window_s:g} s reached; retry after "
-            f"{exc.retry_after:.1f} s",
+            f"rate limit of {exc.limit} queries per {exc.window_s:g} s reached; retry after {exc.retry_after:.1f} s",
             headers=retry_after_header(exc.retry_after),
             retry_after=exc.retry_after,
-        ) from None
-    except IdempotencyConflict:
-        metrics.refusals.labels("idempotency").inc()
-        raise ApiError(
-            422,
-            [
-                {
-                    "loc": ["header", "Idempotency-Key"],
-                    "msg": "this Idempotency-Key was already used for a different request; use a new key "
-                    "for each distinct request",
-                    "type": "value_error.idempotency_conflict",
-                }
-            ],
-        ) from None
-    if charge.kind == "replay":
-        metrics.replays.inc()
-        logger.info("key %d: replayed idempotent request", key.id)
-        return Response(charge.response, media_type="application/json", headers={"Idempotent-Replayed": "true"})
-    try:
-        payload = compute(charge.remaining)
-        body = json.dumps(payload, separators=(",", ":")).encode()
-    except ApiError:
-        _refund(server, key, charge.kind, n_prompts, n_images, idem_key)
-        raise
-    except Exception:
-        _refund(server, key, charge.kind, n_prompts, n_images, idem_key)
-        logger.exception("key %d: the model failed on a charged request (refunded)", key.id)
-        raise ApiError(500, "the model failed on this request; nothing was charged") from None
-    except BaseException:  # cancelled, interrupted: the model never answered
-        _refund(server, key, charge.kind, n_prompts, n_images, idem_key)
-        raise
-    if charge.kind == "new":
-        metrics.queries.inc(n_prompts)
-        metrics.images_scored.inc(n_images)
-    # The answer is stored for retries after it is sent, while the client works on it: a
-    # retry that comes first finds the charge without an answer and reruns the model, free.
-    store = BackgroundTask(ledger.finish_charge, key.id, idem_key, body) if idem_key is not None else None
-    return Response(body, media_type="application/json", background=store)
+        )
+    return "idempotency", invalid(
+        ("header", "Idempotency-Key"),
+        "this Idempotency-Key was already used for a different request; use a new key for each distinct request",
+        "value_error.idempotency_conflict",
+    )
 
 
-def _refund(server: Server, key: KeyRecord, kind: str, n_prompts: int, n_images: int, idem_key: str | None) -> None:
-    # Only a charge taken by this attempt is given back; a resumed attempt's charge stays
-    # with the attempt that took it.
-    if kind == "new":
-        server.ledger.refund(key.id, n_prompts, n_images, idem_key)
+@dataclass(frozen=True)
+class ChargedRequest:
+    """One charged request: its server, its key, its ``Idempotency-Key`` and fingerprint."""
+
+    server: Server
+    key: KeyRecord
+    idempotency_key: str | None
+    fingerprint: str
+
+    async def run(self, prepare: Callable[[], Job]) -> Response:
+        """Check the request with ``prepare()`` (422s), then charge and answer it (in the thread pool)."""
+        return await run_in_threadpool(lambda: self.answer(prepare()))
+
+    def answer(self, job: Job) -> Response:
+        """Charge ``job.n_prompts`` queries, run ``job.compute(remaining)``, store and return its JSON.
+
+        The charge is taken in one transaction before the model runs (402 over
+        budget, 429 over the rate limit: nothing charged). A request whose
+        ``Idempotency-Key`` already succeeded gets the stored response and is not
+        charged again; one whose earlier attempt was charged but never answered (a
+        server killed mid-request) runs again without a second charge. If the model
+        fails, the charge is refunded.
+        """
+        server, key, idem = self.server, self.key, self.idempotency_key
+        ledger, metrics = server.ledger, server.metrics
+        n_prompts, n_images = job.n_prompts, job.n_images
+        if key.rate_limit is not None and n_prompts > key.rate_limit:
+            # waiting would never help: refuse as invalid rather than rate limited
+            raise invalid(
+                ("body",),
+                f"{n_prompts} queries in one request, more than the key's rate limit of {key.rate_limit} "
+                f"per {server.settings.rate_window_s:g} s; send fewer prompts per request",
+                "value_error.over_rate_limit",
+            )
+        try:
+            charge = ledger.begin_charge(key.id, n_prompts, n_images, idem, self.fingerprint)
+        except (BudgetExceeded, RateLimited, IdempotencyConflict) as exc:
+            reason, error = _refusal(exc)
+            metrics.refusals.labels(reason).inc()
+            raise error from None
+        if charge.kind == "replay":
+            metrics.replays.inc()
+            logger.info("key %d: replayed idempotent request", key.id)
+            return Response(charge.response, media_type="application/json", headers={"Idempotent-Replayed": "true"})
+        try:
+            payload = job.compute(charge.remaining)
+            body = json.dumps(payload, separators=(",", ":")).encode()
+        except ApiError:
+            self._refund(charge.kind, job)
+            raise
+        except Exception:
+            self._refund(charge.kind, job)
+            logger.exception("key %d: the model failed on a charged request (refunded)", key.id)
+            raise ApiError(500, "the model failed on this request; nothing was charged") from None
+        except BaseException:  # cancelled, interrupted: the model never answered
+            self._refund(charge.kind, job)
+            raise
+        if charge.kind == "new":
+            metrics.queries.inc(n_prompts)
+            metrics.images_scored.inc(n_images)
+        # The answer is stored for retries after it is sent, while the client works on it: a
+        # retry that comes first finds the charge without an answer and reruns the model, free.
+        store = BackgroundTask(ledger.answers.store, key.id, idem, body) if idem is not None else None
+        return Response(body, media_type="application/json", background=store)
+
+    def _refund(self, kind: str, job: Job) -> None:
+        # Only a charge taken by this attempt is given back; a resumed attempt's charge stays
+        # with the attempt that took it.
+        if kind == "new":
+            self.server.ledger.refund(self.key.id, job.n_prompts, job.n_images, self.idempotency_key)
+
+
+async def charged_request(
+    request: Request, server: ServerDep, key: CurrentKey, idem: IdempotencyKey
+) -> ChargedRequest:
+    """The calling key (401 without one) and the request's ``Idempotency-Key`` and fingerprint."""
+    return ChargedRequest(server, key, idem, fingerprint(request.url.path, await request.body()))
+
+
+ChargedRequestDep = Annotated[ChargedRequest, Depends(charged_request)]

@@ -1,4 +1,4 @@
-"""Dependencies shared by the routers: the server's parts and the calling key."""
+"""What a handler may ask for: the server's parts and the calling key, as ``Annotated`` aliases."""
 
 from __future__ import annotations
 
@@ -10,35 +10,28 @@ from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from .errors import ApiError, invalid
+from .config import Settings
+from .db import Database
+from .errors import ApiError
+from .image_store import ImageStore
 from .ledger import KeyRecord, Ledger, hash_key
 from .metrics import Metrics
-from .model import ModelService
-from .settings import Settings
+from .scorer import Scorer
+from .validation import check_idempotency_key
 
-__all__ = ["Server", "KeyCache", "get_server", "current_key", "idempotency_key"]
-
-
-@dataclass
-class Server:
-    """Everything one application holds: settings, ledger, model, metrics."""
-
-    settings: Settings
-    ledger: Ledger
-    model: ModelService
-    metrics: Metrics
-    keys: "KeyCache" = field(default_factory=lambda: KeyCache())
-
-
-# Dependencies that do no I/O are ``async``: FastAPI would run a plain ``def`` in the
-# thread pool, a thread hop per request for nothing.
-
-
-async def get_server(request: Request) -> Server:
-    return request.app.state.server
-
-
-_bearer = HTTPBearer(auto_error=False, description="API key from `skcarrot keys create`, as a Bearer token")
+__all__ = [
+    "Server",
+    "KeyCache",
+    "ServerDep",
+    "SettingsDep",
+    "DatabaseDep",
+    "LedgerDep",
+    "ImagesDep",
+    "ScorerDep",
+    "MetricsDep",
+    "CurrentKey",
+    "IdempotencyKey",
+]
 
 
 class KeyCache:
@@ -64,8 +57,52 @@ class KeyCache:
         self._records[digest] = (time.monotonic() + self.ttl_s, record)
 
 
+@dataclass
+class Server:
+    """Everything one application holds: settings, database, ledger, images, model, metrics."""
+
+    settings: Settings
+    db: Database
+    ledger: Ledger
+    images: ImageStore
+    scorer: Scorer
+    metrics: Metrics
+    keys: KeyCache = field(default_factory=KeyCache)
+
+
+# Dependencies that do no I/O are ``async``: FastAPI would run a plain ``def`` in the
+# thread pool, a thread hop per request for nothing.
+
+
+async def get_server(request: Request) -> Server:
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(get_server)]
+
+
+def _part(name: str):
+    """A dependency giving the server's part ``name``."""
+
+    async def dependency(server: ServerDep):
+        return getattr(server, name)
+
+    dependency.__name__ = f"get_{name}"
+    return dependency
+
+
+SettingsDep = Annotated[Settings, Depends(_part("settings"))]
+DatabaseDep = Annotated[Database, Depends(_part("db"))]
+LedgerDep = Annotated[Ledger, Depends(_part("ledger"))]
+ImagesDep = Annotated[ImageStore, Depends(_part("images"))]
+ScorerDep = Annotated[Scorer, Depends(_part("scorer"))]
+MetricsDep = Annotated[Metrics, Depends(_part("metrics"))]
+
+_bearer = HTTPBearer(auto_error=False, description="API key from `skcarrot keys create`, as a Bearer token")
+
+
 async def current_key(
-    server: Annotated[Server, Depends(get_server)],
+    server: ServerDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> KeyRecord:
     """The calling key's record; 401 for a missing, unknown or revoked key.
@@ -101,8 +138,8 @@ async def idempotency_key(
     ] = None,
 ) -> str | None:
     """The ``Idempotency-Key`` header: 1-200 printable ASCII characters, or absent."""
-    if value is None:
-        return None
-    if not 1 <= len(value) <= 200 or not value.isascii() or not value.isprintable():
-        raise invalid(("header", "Idempotency-Key"), "must be 1 to 200 printable ASCII characters (a UUID is ideal)")
-    return value
+    return check_idempotency_key(value)
+
+
+CurrentKey = Annotated[KeyRecord, Depends(current_key)]
+IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]

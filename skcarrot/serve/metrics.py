@@ -6,11 +6,12 @@ set ``PROMETHEUS_MULTIPROC_DIR`` for prometheus_client's multiprocess mode.
 
 from __future__ import annotations
 
-import os
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
+
+from .config import metrics_multiprocess_dir
 
 __all__ = ["Metrics", "MetricsMiddleware"]
 
@@ -41,7 +42,7 @@ class Metrics:
         self.images_cached = Gauge("skcarrot_images_cached", "Decoded images in memory", registry=self.registry)
 
     def render(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if metrics_multiprocess_dir():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from ... import __version__
-from ..deps import Server, current_key, get_server
-from ..ledger import KeyRecord
+from ..deps import CurrentKey, LedgerDep, ScorerDep, SettingsDep
 from ..schemas import ErrorResponse, InfoResponse, UsageResponse
 
 router = APIRouter(prefix="/v1", tags=["account"])
@@ -17,20 +14,17 @@ router = APIRouter(prefix="/v1", tags=["account"])
 
 @router.get("/info", response_model=InfoResponse, responses={401: {"model": ErrorResponse}},
             summary="The served model, its context shape and the server's limits")
-async def info(
-    server: Annotated[Server, Depends(get_server)],
-    key: Annotated[KeyRecord, Depends(current_key)],
-) -> InfoResponse:
-    model, s = server.model, server.settings
-    n_ctx, dim = await run_in_threadpool(lambda: model.context_shape)
+async def info(settings: SettingsDep, scorer: ScorerDep, key: CurrentKey) -> InfoResponse:
+    s = settings
+    n_ctx, dim = await run_in_threadpool(lambda: scorer.context_shape)
     return InfoResponse(
         model={
-            "id": model.model_id,
-            "name": model.model_name,
-            "pretrained": model.pretrained,
-            "template": model.template,
+            "id": scorer.model_id,
+            "name": scorer.model_name,
+            "pretrained": scorer.pretrained,
+            "template": scorer.template,
             "context_shape": [n_ctx, dim],
-            "text_endpoints": model.text_capable,
+            "text_endpoints": scorer.text_capable,
         },
         limits={
             "max_body_bytes": s.max_body_bytes,
@@ -47,11 +41,8 @@ async def info(
 
 @router.get("/usage", response_model=UsageResponse, responses={401: {"model": ErrorResponse}},
             summary="Budget and spending of the calling key")
-async def usage(
-    server: Annotated[Server, Depends(get_server)],
-    key: Annotated[KeyRecord, Depends(current_key)],
-) -> UsageResponse:
-    record = await run_in_threadpool(server.ledger.usage, key.id)
+async def usage(settings: SettingsDep, ledger: LedgerDep, key: CurrentKey) -> UsageResponse:
+    record = await run_in_threadpool(ledger.usage, key.id)
     return UsageResponse(
         name=record.name,
         budget=record.budget,
@@ -60,5 +51,5 @@ async def usage(
         requests=record.requests,
         remaining=record.remaining,
         rate_limit=record.rate_limit,
-        rate_window_s=server.settings.rate_window_s,
+        rate_window_s=settings.rate_window_s,
     )

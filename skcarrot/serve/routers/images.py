@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import Server, current_key, get_server
-from ..errors import invalid
-from ..ledger import KeyRecord
+from .. import validation
+from ..deps import CurrentKey, ImagesDep, SettingsDep
 from ..schemas import ErrorResponse, MissingRequest, MissingResponse, UploadRequest, UploadResponse
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
 _ERRORS = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
-
-
-def _upload(server: Server, key: KeyRecord, body: UploadRequest) -> UploadResponse:
-    limit = server.settings.max_images_per_request
-    if len(body.images) > limit:
-        raise invalid(("body", "images"), f"{len(body.images)} images, more than the {limit} allowed per request")
-    decoded: dict[str, bytes] = {}
-    ids: list[str] = []
-    pixels = {}
-    for i, encoded in enumerate(body.images):
-        image_id, raw, rgb = server.model.decode_upload(encoded, ("body", "images", i))
-        ids.append(image_id)
-        decoded.setdefault(image_id, raw)
-        pixels[image_id] = rgb
-    # all or nothing: a bad image refuses the whole request before anything is kept
-    known = set(server.ledger.known_images(key.id, list(decoded)))
-    server.ledger.add_images(key.id, {k: v for k, v in decoded.items() if k not in known})
-    for image_id, rgb in pixels.items():
-        server.model.remember(image_id, rgb)
-    return UploadResponse(ids=ids, stored=len(set(decoded) - known))
 
 
 @router.post(
@@ -44,24 +21,31 @@ def _upload(server: Server, key: KeyRecord, body: UploadRequest) -> UploadRespon
     summary="Upload images; returns their content ids",
 )
 async def upload_images(
-    body: UploadRequest,
-    server: Annotated[Server, Depends(get_server)],
-    key: Annotated[KeyRecord, Depends(current_key)],
+    body: UploadRequest, settings: SettingsDep, images: ImagesDep, key: CurrentKey
 ) -> UploadResponse:
     """Decode, check and keep each image under its content id: the sha256 of its RGB pixels
-    (see :func:`skcarrot.backends.http.image_content_id`). Not charged."""
-    return await run_in_threadpool(_upload, server, key, body)
+    (see :func:`skcarrot.wire.image_content_id`). Not charged."""
+
+    def upload() -> UploadResponse:
+        validation.check_count(len(body.images), settings.max_images_per_request, ("body", "images"), "images")
+        ids: list[str] = []
+        uploads = {}
+        for i, encoded in enumerate(body.images):
+            image_id, raw, rgb = validation.decode_upload(encoded, ("body", "images", i), settings.max_image_pixels)
+            ids.append(image_id)
+            uploads.setdefault(image_id, (raw, rgb))
+        # all or nothing: a bad image refuses the whole request before anything is kept
+        return UploadResponse(ids=ids, stored=images.keep(key.id, uploads))
+
+    return await run_in_threadpool(upload)
 
 
 @router.post("/missing", response_model=MissingResponse, responses=_ERRORS, summary="Which ids are not uploaded yet")
 async def missing_images(
-    body: MissingRequest,
-    server: Annotated[Server, Depends(get_server)],
-    key: Annotated[KeyRecord, Depends(current_key)],
+    body: MissingRequest, settings: SettingsDep, images: ImagesDep, key: CurrentKey
 ) -> MissingResponse:
     """Those of ``ids`` this key has not uploaded (a client uploads only these)."""
-    limit = server.settings.max_images_per_request * 4
-    if len(body.ids) > limit:
-        raise invalid(("body", "ids"), f"{len(body.ids)} ids, more than the {limit} allowed per request")
-    known = set(await run_in_threadpool(server.ledger.known_images, key.id, list(dict.fromkeys(body.ids))))
-    return MissingResponse(missing=[i for i in dict.fromkeys(body.ids) if i not in known])
+    validation.check_count(len(body.ids), settings.max_images_per_request * 4, ("body", "ids"), "ids")
+    wanted = list(dict.fromkeys(body.ids))
+    known = set(await run_in_threadpool(images.known, key.id, wanted))
+    return MissingResponse(missing=[i for i in wanted if i not in known])

@@ -2,64 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import numpy as np
-from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter
 
-from ..charging import charged_call, fingerprint
-from ..deps import Server, current_key, get_server, idempotency_key
-from ..errors import invalid
-from ..ledger import KeyRecord
-from ..schemas import ErrorResponse, LabelScore, ZeroShotRequest
+from .. import validation
+from ..charging import CHARGED_ERRORS, ChargedRequestDep, Job
+from ..schemas import LabelScore, ZeroShotRequest
 
 router = APIRouter(tags=["zero-shot"])
-
-
-def _zero_shot(server: Server, key: KeyRecord, body: ZeroShotRequest, idem: str | None, digest: str):
-    model = server.model
-    if not model.text_capable:
-        raise invalid(("body", "parameters"), "this server's model does not score prompt strings")
-    template = body.parameters.hypothesis_template
-    if template.count("{}") != 1:
-        raise invalid(
-            ("body", "parameters", "hypothesis_template"),
-            f"must contain '{{}}' exactly once (where the label goes), got {template!r}",
-        )
-    labels = body.parameters.candidate_labels
-    prompts = model.check_prompt_sets([[template.replace("{}", label) for label in labels]],
-                                      ("body", "parameters", "candidate_labels"))
-    image_id, raw, image = model.decode_upload(body.inputs, ("body", "inputs"))
-
-    def compute(remaining: int) -> list[dict]:
-        logits = model.score_text([image], prompts)[0, 0]
-        z = np.exp(logits - logits.max())
-        probs = z / z.sum()
-        order = np.argsort(-probs, kind="stable")
-        return [{"label": labels[i], "score": float(probs[i])} for i in order]
-
-    return charged_call(server, key, 1, 1, idem, digest, compute)
 
 
 @router.post(
     "/v1/zero-shot-image-classification",
     response_model=list[LabelScore],
-    responses={401: {"model": ErrorResponse}, 402: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-               422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+    responses=CHARGED_ERRORS,
     summary="Zero-shot image classification, as hosted CLIP endpoints speak it; 1 query",
 )
-async def zero_shot_image_classification(
-    request: Request,
-    body: ZeroShotRequest,
-    server: Annotated[Server, Depends(get_server)],
-    key: Annotated[KeyRecord, Depends(current_key)],
-    idem: Annotated[str | None, Depends(idempotency_key)],
-):
+async def zero_shot_image_classification(body: ZeroShotRequest, charged: ChargedRequestDep):
     """``{"inputs": <base64 image>, "parameters": {"candidate_labels": [...], "hypothesis_template": ...}}``
     -> ``[{"label", "score"}]``, sorted by score; scores are softmax probabilities.
 
     Point ``huggingface_hub.InferenceClient(model=<this URL>, token=<key>)`` here.
     """
-    digest = fingerprint(request.url.path, await request.body())
-    return await run_in_threadpool(_zero_shot, server, key, body, idem, digest)
+    settings, scorer = charged.server.settings, charged.server.scorer
+
+    def prepare() -> Job:
+        validation.require_text(scorer, ("body", "parameters"))
+        template = validation.check_template(
+            body.parameters.hypothesis_template, ("body", "parameters", "hypothesis_template")
+        )
+        labels = body.parameters.candidate_labels
+        prompts = validation.check_prompt_sets([[template.replace("{}", label) for label in labels]],
+                                               ("body", "parameters", "candidate_labels"), settings, scorer)
+        _, _, image = validation.decode_upload(body.inputs, ("body", "inputs"), settings.max_image_pixels)
+
+        def compute(remaining: int) -> list[dict]:
+            probs = scorer.label_probabilities(image, prompts[0])
+            order = np.argsort(-probs, kind="stable")
+            return [{"label": labels[i], "score": float(probs[i])} for i in order]
+
+        return Job(1, 1, compute)
+
+    return await charged.run(prepare)

@@ -29,15 +29,9 @@ from typing import Any
 import numpy as np
 from sklearn.utils import check_random_state
 
-from ._validation import softmax
-from .backends.text import log_probabilities
+from .._math import logsumexp, softmax
 
-__all__ = [
-    "TextPromptSearch",
-    "cross_entropy_fitness",
-    "run_text_prompt_search",
-    "tokenizer_words",
-]
+__all__ = ["TextPromptSearch", "coordinate_losses", "cross_entropy_fitness", "tokenizer_words"]
 
 #: Signature of a fitness: log-probabilities ``(P, n_images, n_classes)`` and labels -> ``(P,)``, lower is better.
 Fitness = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -61,7 +55,7 @@ def tokenizer_words(min_length: int = 3, max_length: int = 12) -> list[str]:
 
     Examples
     --------
-    >>> from skcarrot.text_prompt import tokenizer_words
+    >>> from skcarrot.search.words import tokenizer_words
     >>> words = tokenizer_words()
     >>> len(words) > 20_000, "seven" in words, all(w.isalpha() for w in words)
     (True, True, True)
@@ -84,7 +78,7 @@ def cross_entropy_fitness(log_probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     log_probs : ndarray of shape (P, n_images, n_classes)
-        Log-probabilities, e.g. from :func:`skcarrot.backends.text.log_probabilities`.
+        Log-probabilities, e.g. from :meth:`skcarrot.backends.QueryCounter.log_probabilities`.
     y : ndarray of shape (n_images,)
         Class indices.
 
@@ -95,18 +89,13 @@ def cross_entropy_fitness(log_probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot.text_prompt import cross_entropy_fitness
+    >>> from skcarrot.search.words import cross_entropy_fitness
     >>> cross_entropy_fitness(np.log(np.full((2, 3, 2), 0.5)), np.array([0, 1, 1])).round(4)
     array([0.6931, 0.6931])
     """
     log_probs = np.asarray(log_probs, dtype=np.float64)
     y = np.asarray(y)
     return -log_probs[:, np.arange(len(y)), y].mean(axis=1)
-
-
-def _logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    m = z.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(z - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
 def coordinate_losses(base: np.ndarray, candidates: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
@@ -128,13 +117,13 @@ def coordinate_losses(base: np.ndarray, candidates: np.ndarray, y: np.ndarray, c
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot.text_prompt import coordinate_losses
+    >>> from skcarrot.search.words import coordinate_losses
     >>> base = np.log(np.array([[0.5, 0.5], [0.5, 0.5]]))
     >>> coordinate_losses(base, base[:, [0]] + np.array([[2.0], [-2.0]]), np.array([0, 1]), 0) < 0.69
     array([ True])
     """
     others = np.delete(base, c, axis=1)
-    rest = _logsumexp(others, axis=1)  # (N,)
+    rest = logsumexp(others, axis=1)  # (N,)
     total = np.logaddexp(rest[:, None], candidates)  # (N, M)
     is_c = (y == c)[:, None]
     true = np.where(is_c, candidates, base[np.arange(len(y)), y][:, None])
@@ -182,11 +171,11 @@ class TextPromptSearch:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot.text_prompt import TextPromptSearch
+    >>> from skcarrot.search.words import TextPromptSearch
     >>> search = TextPromptSearch(["cat", "dog"], candidates=[["cat", "kitten"], ["dog", "puppy"]],
     ...                           popsize=4, random_state=0)
-    >>> choices = search.ask()
-    >>> len(search.prompt_sets(choices)), len(search.prompt_sets(choices)[0])
+    >>> choices, prompt_sets = search.ask()
+    >>> len(prompt_sets), len(prompt_sets[0])
     (4, 2)
     >>> search.tell(choices, np.arange(4.0))
     >>> search.current()
@@ -289,8 +278,8 @@ class TextPromptSearch:
 
         Parameters
         ----------
-        counter : TextQueryCounter
-            The door; spends :meth:`n_screening_queries` queries.
+        counter : QueryCounter
+            The black box behind its counter (``log_probabilities``); spends :meth:`n_screening_queries` queries.
         images : sequence of PIL.Image.Image
             Training images.
         y : ndarray of shape (n_images,)
@@ -313,7 +302,7 @@ class TextPromptSearch:
         for start in range(0, len(words), max(chunk, 1)):
             strings = [self.templates[0].format(w) for w in words[start : start + chunk]]
             log_probs = counter.log_probabilities(images, [own + strings], purpose=purpose)[0]
-            own_total = _logsumexp(log_probs[:, :n_classes], axis=1)[:, None]
+            own_total = logsumexp(log_probs[:, :n_classes], axis=1)[:, None]
             if base is None:
                 base = log_probs[:, :n_classes] - own_total
             scores.append(log_probs[:, n_classes:] - own_total)
@@ -340,12 +329,13 @@ class TextPromptSearch:
             self._set_candidates([[] for _ in self.class_names])
         return self.logits_
 
-    def ask(self) -> np.ndarray:
-        """Sample ``popsize`` prompt sets: choice indices ``(popsize, n_slots)``."""
+    def ask(self) -> tuple[np.ndarray, list[list[str]]]:
+        """Sample ``popsize`` prompt sets: ``(choices, prompt_sets)``, choice indices ``(popsize, n_slots)``."""
         slots = self._slots()
-        return np.stack(
+        choices = np.stack(
             [self.rng.choice(len(theta), size=self.popsize, p=softmax(theta)) for theta in slots], axis=1
         )
+        return choices, self.prompt_sets(choices)
 
     def prompt_sets(self, choices: np.ndarray) -> list[list[str]]:
         """The prompt strings of each row of ``choices``: one string per class."""
@@ -377,87 +367,25 @@ class TextPromptSearch:
             gradient = (advantage[:, None] * (onehot - probs)).sum(axis=0) / (len(fitness) - 1)
             theta -= self.learning_rate * gradient
 
-    def current_choice(self) -> np.ndarray:
+    def coordinates(self) -> np.ndarray:
         """The most probable choice of every slot, shape ``(n_slots,)``."""
         return np.array([int(np.argmax(theta)) for theta in self._slots()])
 
     def current(self) -> list[str]:
         """The most probable prompt set: one readable prompt string per class."""
-        return self.prompt_sets(self.current_choice()[np.newaxis])[0]
+        return self.prompt_sets(self.coordinates()[np.newaxis])[0]
 
+    def warm_start(self, logits: Sequence[np.ndarray]) -> None:
+        """Start the categoricals from another search's :attr:`logits_` (same candidates)."""
+        for theta, old in zip(self._slots(), logits):
+            theta[:] = old
 
-def run_text_prompt_search(
-    counter: Any,
-    images: Sequence[Any],
-    y: np.ndarray,
-    search: TextPromptSearch,
-    n_steps: int | None = None,
-    fitness: Fitness | None = None,
-    purpose: str = "prompt",
-) -> list[dict[str, float]]:
-    """Screen (unless done) then run ask / score / tell steps within the counter's budget.
+    def state(self) -> dict:
+        """Candidates, categoricals, generator and whether screening ran."""
+        self._slots()
+        return {"candidates": self.candidates_, "logits": self.logits_, "rng": self.rng, "screened": self.screened_}
 
-    Parameters
-    ----------
-    counter : TextQueryCounter
-    images : sequence of PIL.Image.Image
-        Training images.
-    y : ndarray of shape (n_images,)
-        Class indices.
-    search : TextPromptSearch
-    n_steps : int or None, default=None
-        Steps of ``search.popsize`` queries; None: as many as the budget allows
-        (the budget must then be finite).
-    fitness : callable or None, default=None
-        ``fitness(log_probs (P, N, C), y) -> (P,)``, lower is better; the estimator
-        passes the refiner and the consistency term here. None: cross-entropy.
-    purpose : str, default="prompt"
-
-    Returns
-    -------
-    history : list of dict
-        Per step: ``step``, ``queries``, ``best_fitness``, ``mean_fitness``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from skcarrot.backends import TextQueryCounter
-    >>> from skcarrot.text_prompt import TextPromptSearch, run_text_prompt_search
-    >>> class Likes:  # a door that prefers the words "kitten" and "puppy"
-    ...     returns = "logits"
-    ...     def text_scores(self, images, prompts):
-    ...         good = np.array([[("kitten" in s) + ("puppy" in s) for s in ps] for ps in prompts], float)
-    ...         return np.repeat(good[:, None, :], len(images), axis=1) * np.array([1, -1])[:, None]
-    >>> counter = TextQueryCounter(Likes(), budget=40)
-    >>> search = TextPromptSearch(["cat", "dog"], candidates=[["kitten"], ["puppy"]], popsize=8, random_state=0)
-    >>> _ = run_text_prompt_search(counter, ["img"] * 2, np.array([0, 1]), search)
-    >>> counter.n_queries <= 40
-    True
-    """
-    y = np.asarray(y)
-    fitness = cross_entropy_fitness if fitness is None else fitness
-    if not search.screened_:
-        search.screen(counter, images, y)
-    if n_steps is None:
-        if counter.remaining is None:
-            raise ValueError("give n_steps, or a counter with a finite query budget")
-        n_steps = counter.remaining // search.popsize
-    elif counter.remaining is not None:
-        n_steps = min(n_steps, counter.remaining // search.popsize)
-    history = []
-    for step in range(n_steps):
-        choices = search.ask()
-        log_probs = log_probabilities(
-            counter.text_scores(images, search.prompt_sets(choices), purpose=purpose), counter.returns
-        )
-        values = np.asarray(fitness(log_probs, y), dtype=np.float64)
-        search.tell(choices, values)
-        history.append(
-            {
-                "step": step + 1,
-                "queries": counter.n_queries,
-                "best_fitness": float(values.min()),
-                "mean_fitness": float(values.mean()),
-            }
-        )
-    return history
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state`."""
+        self.candidates_, self.logits_ = state["candidates"], state["logits"]
+        self.rng, self.screened_ = state["rng"], state["screened"]

@@ -19,7 +19,7 @@ with warnings.catch_warnings():  # cma warns at import when matplotlib is absent
     warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
     import cma
 
-__all__ = ["PromptSearch", "projection_matrix"]
+__all__ = ["CMAESPromptSearch", "projection_matrix"]
 
 
 _BLAS_LOCK = threading.Lock()
@@ -41,7 +41,7 @@ def projection_matrix(
 
     Examples
     --------
-    >>> from skcarrot.prompt import projection_matrix
+    >>> from skcarrot.search import projection_matrix
     >>> projection_matrix(4, (2, 3), 0.2, seed=1).shape
     (4, 6)
     """
@@ -50,7 +50,7 @@ def projection_matrix(
     return rng.normal(0.0, std, size=(intrinsic_dim, n_out)).astype(np.float32)
 
 
-class PromptSearch:
+class CMAESPromptSearch:
     """CMA-ES over the intrinsic prompt space, through a fixed projection.
 
     Parameters
@@ -76,14 +76,14 @@ class PromptSearch:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot.prompt import PromptSearch
-    >>> search = PromptSearch((2, 3), 5, 0.2, 1.0, 4, 5.0, projection_seed=1, cma_seed=2)
-    >>> Z = search.ask()
-    >>> search.offsets(Z).shape
-    (4, 2, 3)
+    >>> from skcarrot.search import CMAESPromptSearch
+    >>> search = CMAESPromptSearch((2, 3), 5, 0.2, 1.0, 4, 5.0, projection_seed=1, cma_seed=2)
+    >>> Z, offsets = search.ask()
+    >>> Z.shape, offsets.shape
+    ((4, 5), (4, 2, 3))
     >>> search.tell(Z, np.arange(4.0))
-    >>> search.current_offset().shape
-    (2, 3)
+    >>> search.current().shape, search.coordinates().shape
+    ((2, 3), (5,))
     """
 
     def __init__(
@@ -125,10 +125,11 @@ class PromptSearch:
             x0 = np.clip(x0, -float(bound), float(bound))
         self.es = cma.CMAEvolutionStrategy(np.asarray(x0, dtype=float), float(sigma), opts)
 
-    def ask(self) -> np.ndarray:
-        """Candidates of the next generation, shape ``(popsize, intrinsic_dim)``."""
+    def ask(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(Z, offsets)``: the candidates ``(popsize, intrinsic_dim)`` and their prompt offsets."""
         with _one_blas_thread():
-            return np.asarray(self.es.ask())
+            Z = np.asarray(self.es.ask())
+        return Z, self.offsets(Z)
 
     def tell(self, solutions: np.ndarray, fitness: np.ndarray) -> None:
         """Report the fitness (lower is better) of the candidates from :meth:`ask`."""
@@ -140,14 +141,22 @@ class PromptSearch:
         Z = np.atleast_2d(np.asarray(Z, dtype=np.float32))
         return (Z @ self.projection).reshape((Z.shape[0],) + self.context_shape)
 
-    def current_x(self) -> np.ndarray:
-        """The current in-bounds solution: cma's mean mapped through its boundary transform.
+    def coordinates(self) -> np.ndarray:
+        """The current in-bounds solution ``z``: cma's mean mapped through its boundary transform.
 
         With bounds, ``es.mean`` lives in cma's unbounded internal space;
         ``es.result.xfavorite`` is the same point made feasible.
         """
         return np.asarray(self.es.result.xfavorite, dtype=float).copy()
 
-    def current_offset(self) -> np.ndarray:
-        """Prompt offset ``A x`` of the current solution, shape ``(n_ctx, dim)``."""
-        return self.offsets(self.current_x())[0]
+    def current(self) -> np.ndarray:
+        """Prompt offset ``A z`` of the current solution, shape ``(n_ctx, dim)``."""
+        return self.offsets(self.coordinates())[0]
+
+    def state(self) -> dict:
+        """CMA-ES's state and its generator (pickled together, they stay linked)."""
+        return {"es": self.es, "random": self._random}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state`."""
+        self.es, self._random = state["es"], state["random"]

@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fingerprint", "read_checkpoint", "write_checkpoint"]
+__all__ = ["fingerprint", "fit_fingerprint", "read_checkpoint", "write_checkpoint"]
 
-_FORMAT = 1
+_FORMAT = 2
+# Parameters that do not change a fit's trajectory: where it runs, what it prints, where it saves.
+_NOT_IN_FINGERPRINT = {"backend", "verbose", "checkpoint", "checkpoint_every", "warm_start"}
 
 
 def fingerprint(images, y: np.ndarray, params: dict) -> str:
@@ -29,7 +31,7 @@ def fingerprint(images, y: np.ndarray, params: dict) -> str:
     --------
     >>> import numpy as np
     >>> from PIL import Image
-    >>> from skcarrot._checkpoint import fingerprint
+    >>> from skcarrot._training.checkpoint import fingerprint
     >>> img = Image.new("RGB", (2, 2))
     >>> a = fingerprint([img], np.array([0]), {"popsize": 4})
     >>> a == fingerprint([img], np.array([0]), {"popsize": 4}), a == fingerprint([img], np.array([1]), {"popsize": 4})
@@ -42,6 +44,14 @@ def fingerprint(images, y: np.ndarray, params: dict) -> str:
     digest.update(np.asarray(y).tobytes())
     digest.update(repr(sorted((k, _describe(v)) for k, v in params.items())).encode())
     return digest.hexdigest()
+
+
+def fit_fingerprint(images, y: np.ndarray, params: dict, classes: np.ndarray, warm_from: int | None) -> str:
+    """The fingerprint of one call to ``fit``: its data, its parameters and the fit it warm-starts from."""
+    params = {k: v for k, v in params.items() if k not in _NOT_IN_FINGERPRINT}
+    params["warm_from"] = warm_from
+    params["classes"] = np.asarray(classes).tolist()
+    return fingerprint(images, y, params)
 
 
 def _describe(value: Any) -> str:

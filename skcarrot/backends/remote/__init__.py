@@ -1,0 +1,10 @@
+"""Backends on the far side of a network, on one retrying HTTP client.
+
+- :class:`HTTPBackend`: a model served by ``skcarrot serve`` (both doors).
+- :class:`ZeroShotHTTPBackend`: any zero-shot-image-classification endpoint (the text door).
+"""
+
+from .serve_api import API_KEY_ENV, HTTPBackend
+from .zero_shot import TOKEN_ENV, ZeroShotHTTPBackend
+
+__all__ = ["API_KEY_ENV", "HTTPBackend", "TOKEN_ENV", "ZeroShotHTTPBackend"]

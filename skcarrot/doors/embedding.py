@@ -1,0 +1,85 @@
+"""The embedding door (the paper's): a prompt is an offset added to the context word embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._validation import check_backend
+from ..backends._base import context_shape_of
+from ..search import CMAESPromptSearch
+from ._base import Door
+
+__all__ = ["EmbeddingDoor"]
+
+
+class EmbeddingDoor(Door):
+    """Prompt offsets ``(n_ctx, dim)`` in, logits out; the offset is ``A z``, ``z`` searched by CMA-ES.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> from skcarrot.backends import ToyBackend
+    >>> from skcarrot.doors import EmbeddingDoor
+    >>> door = EmbeddingDoor(ToyBackend(), ["cat", "dog"], budget=10)
+    >>> images = [Image.new("RGB", (8, 8))] * 3
+    >>> door.score(images, door.one(door.zero_shot_prompt()), "prompt").shape, door.counter.n_queries
+    ((1, 3, 2), 1)
+    """
+
+    name = "embedding"
+    method = "logits"
+    default_budget = 8000  # the paper's
+    default_popsize = 40
+    early_stopping_default = True  # measured: see the benchmarks page
+    fitted_attributes = ("prompt_offset_", "prompt_z_")
+
+    def __init__(self, backend: Any, class_names, budget: int | None = None) -> None:
+        super().__init__(backend, class_names, budget)
+        self.context_shape = context_shape_of(backend)
+
+    @classmethod
+    def check(cls, backend: Any) -> None:
+        if not hasattr(backend, "logits") and hasattr(backend, "text_scores"):
+            raise TypeError(
+                f"backend {type(backend).__name__} does not offer the embedding door: it has no "
+                "'logits(images, class_names, offsets)' nor 'context_shape', only the text door's "
+                "'text_scores(images, prompts)'; use door='text' (or 'auto')"
+            )
+        check_backend(backend)
+
+    def score(self, images, prompts, purpose: str) -> np.ndarray:
+        """Logits ``(P, N, C)`` of ``images`` under each offset of ``prompts`` (``P`` queries)."""
+        return self.counter.logits(images, self.class_names, np.asarray(prompts), purpose=purpose)
+
+    def one(self, prompt) -> np.ndarray:
+        return np.asarray(prompt)[np.newaxis]
+
+    def copy_prompt(self, prompt) -> np.ndarray:
+        return np.asarray(prompt, dtype=np.float32).copy()
+
+    def zero_shot_prompt(self) -> np.ndarray:
+        return np.zeros(self.context_shape, dtype=np.float32)
+
+    def build_search(self, settings: Any, seeds: dict, previous: Any) -> CMAESPromptSearch | None:
+        if previous is not None:
+            if tuple(previous.prompt.shape) != self.context_shape:
+                raise ValueError("warm_start can not change the backend's context shape")
+            if previous.z is not None:
+                seeds["projection"] = previous.state["projection_seed"]  # the same A: the old z keeps its meaning
+        if not settings.prompt_tuning:
+            return None
+        x0 = None
+        if previous is not None and previous.z is not None and len(previous.z) == settings.intrinsic_dim:
+            x0 = previous.z
+        return CMAESPromptSearch(
+            self.context_shape, settings.intrinsic_dim, settings.projection_std, settings.sigma,
+            settings.popsize, settings.bound, projection_seed=seeds["projection"], cma_seed=seeds["cma"], x0=x0,
+        )
+
+    def fitted(self, result: Any, search: Any, seeds: dict, previous: Any) -> tuple[dict, dict]:
+        offset = np.asarray(result.prompt, dtype=np.float32).copy()
+        z = None if result.z is None else np.asarray(result.z, dtype=np.float64)
+        state = {"prompt": offset, "z": z, "projection_seed": seeds["projection"] if z is not None else None}
+        return {"prompt_offset_": offset, "prompt_z_": z}, state

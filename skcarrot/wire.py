@@ -1,0 +1,179 @@
+"""What crosses the network, written once for both sides: image content ids and the array codec.
+
+The client (:class:`~skcarrot.backends.HTTPBackend`) and the server
+(``skcarrot serve``) both import this module; neither imports the other. Errors
+are plain :class:`ValueError` (:class:`WireFormatError`, which names the field
+at fault); the server turns them into 422 answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+from typing import Any
+
+import numpy as np
+
+__all__ = ["WireFormatError", "decode_array", "encode_array", "image_content_id", "png_base64"]
+
+#: Most items an array on the wire may hold.
+MAX_ARRAY_ITEMS = 50_000_000
+
+
+class WireFormatError(ValueError):
+    """An array or image on the wire is malformed; ``field`` names the part at fault.
+
+    ``field`` is ``"shape"`` or ``"data"`` for the parts of an encoded array,
+    None for the value as a whole.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def image_content_id(image: Any) -> str:
+    """Content id of an image: sha256 of its RGB pixels and size, hex.
+
+    Client and server compute it from pixels, not file bytes, so any lossless
+    encoding of the same image has the same id.
+
+    Parameters
+    ----------
+    image : PIL.Image.Image
+
+    Returns
+    -------
+    content_id : str
+        64 hex digits.
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> from skcarrot.wire import image_content_id
+    >>> a = image_content_id(Image.new("RGB", (4, 4)))
+    >>> a == image_content_id(Image.new("L", (4, 4))), len(a)
+    (True, 64)
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    digest = hashlib.sha256(f"skcarrot-rgb {rgb.size[0]}x{rgb.size[1]}\n".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def png_base64(image: Any) -> str:
+    """An image as base64 of a lossless RGB PNG (fast compression).
+
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> from skcarrot.wire import png_base64
+    >>> png_base64(Image.new("L", (2, 2)))[:8]
+    'iVBORw0K'
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def encode_array(arr: np.ndarray) -> dict[str, Any]:
+    """An array as a JSON-ready ``{"shape", "dtype", "data"}``, float32 when that is exact.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.wire import encode_array
+    >>> encode_array(np.array([[0.5, 1.0]]))["dtype"]
+    'float32'
+    >>> encode_array(np.array([0.1]))["dtype"]
+    'float64'
+    """
+    arr = np.asarray(arr, dtype=np.float64)
+    small = arr.astype(np.float32)
+    # open_clip models compute in float32: sending float32 then halves the bytes, losing nothing
+    if np.array_equal(small, arr):
+        raw, dtype = small.astype("<f4").tobytes(), "float32"
+    else:
+        raw, dtype = arr.astype("<f8").tobytes(), "float64"
+    return {"shape": list(arr.shape), "dtype": dtype, "data": base64.b64encode(raw).decode("ascii")}
+
+
+def _part(value: Any, name: str) -> Any:
+    return value[name] if isinstance(value, dict) else getattr(value, name)
+
+
+def decode_array(
+    value: Any, ndim: int | None = None, *, max_items: int = MAX_ARRAY_ITEMS, finite: bool = True
+) -> np.ndarray:
+    """An encoded array (``{"shape", "dtype", "data"}``, as a dict or an object) or nested lists.
+
+    Parameters
+    ----------
+    value : dict, object with ``shape``, ``dtype``, ``data``, or nested lists
+    ndim : int or None, default=None
+        Dimensions expected (None: any).
+    max_items : int, default=50_000_000
+        Most items the shape may ask for; checked before anything is decoded.
+    finite : bool, default=True
+        Refuse NaN and infinity.
+
+    Returns
+    -------
+    arr : ndarray
+        ``float32`` data stays float32 (read-only view of the bytes); lists give float64.
+
+    Raises
+    ------
+    WireFormatError
+        A wrong number of dimensions, too many items, invalid base64, a data
+        length that does not match the shape, or a non-finite value.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.wire import decode_array, encode_array
+    >>> decode_array(encode_array(np.eye(2)), ndim=2).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    >>> decode_array([[1.0, float("nan")]])
+    Traceback (most recent call last):
+    ...
+    skcarrot.wire.WireFormatError: contains NaN or infinity (first at index [0, 1]); every value must be finite
+    """
+    if isinstance(value, list):
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise WireFormatError(
+                f"nested lists are ragged; expected a rectangular array of {ndim or 'some'} dimensions"
+            ) from None
+        if ndim is not None and arr.ndim != ndim:
+            raise WireFormatError(f"expected {ndim} dimensions, got an array of shape {list(arr.shape)}")
+    else:
+        shape = [int(s) for s in _part(value, "shape")]
+        dtype = _part(value, "dtype")
+        if ndim is not None and len(shape) != ndim:
+            raise WireFormatError(f"expected {ndim} dimensions, got shape {shape}", "shape")
+        if any(s < 0 for s in shape):
+            raise WireFormatError(f"shape {shape} has a negative size", "shape")
+        n_items = int(np.prod(shape, dtype=np.int64))
+        if n_items > max_items:
+            raise WireFormatError(f"shape {shape} has {n_items} items, more than the {max_items} allowed", "shape")
+        if dtype not in ("float32", "float64"):
+            raise WireFormatError(f"dtype must be 'float32' or 'float64', got {dtype!r}", "dtype")
+        try:
+            raw = base64.b64decode(_part(value, "data"), validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise WireFormatError("data is not valid base64", "data") from None
+        itemsize = 4 if dtype == "float32" else 8
+        if len(raw) != n_items * itemsize:
+            raise WireFormatError(
+                f"data holds {len(raw)} bytes but shape {shape} of {dtype} needs {n_items * itemsize}", "data"
+            )
+        arr = np.frombuffer(raw, dtype="<f4" if itemsize == 4 else "<f8").reshape(shape)
+    if finite and not np.all(np.isfinite(arr)):
+        bad = [int(i) for i in np.argwhere(~np.isfinite(arr))[0]]
+        raise WireFormatError(f"contains NaN or infinity (first at index {bad}); every value must be finite")
+    return arr
