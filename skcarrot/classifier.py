@@ -6,6 +6,7 @@ picked once per fit; the fit's lifecycle lives in :mod:`skcarrot._training`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from ._training import (
     FitSettings,
     PreviousFit,
     Progress,
-    build_run,
+    start_fit,
     fit_fingerprint,
     read_checkpoint,
     run_generations,
@@ -118,8 +119,16 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         screened on the training shots first (one query per ``backend.max_labels``
         words). An int: a seeded subset of that many words of open_clip's
         tokenizer. None: 200 of them (measured: more words fit the shots, not the task).
-    prompt_tuning : bool, default=True
-        Train the prompt generation module (off: the hand-written prompt).
+    prompt_tuning : bool or "auto", default="auto"
+        Train the prompt generation module (False: the hand-written prompt;
+        True: the paper's protocol, the whole budget). "auto" pays for the
+        search only where it pays: the refiner on the hand-written prompt is
+        chosen over the bare prompt by cross-validation on the logits of one
+        query, then a pilot of the prompt search, cross-fitted on two halves of
+        the shots within a quarter of the budget, must beat it on the half it did
+        not see by twice its standard error before the rest of the budget is
+        spent; the choice is refitted on all shots (``selection_`` says what was
+        chosen and why). A warm start continues the previous fit's mode.
     refinement : bool, default=True
         Train the prediction refinement module (off: identity).
         With both off the estimator is zero-shot and ``fit`` spends no query.
@@ -127,13 +136,13 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         Generations (refiner epochs without prompt tuning). None: as many as
         the budget allows; without prompt tuning, the number a full fit with the
         same budget would run, ``query_budget // (popsize + 1)``.
-    early_stopping : bool or "auto", default="auto"
+    early_stopping : bool or "auto", default=False
         Hold back ``validation_fraction`` of the shots of each class (at least
         one) and keep the model with the lowest cross-entropy on them, the
         starting model included; with ``n_iter_no_change``, stop when it has not
         improved for that many generations. One query per generation, plus one.
-        "auto": on for the embedding door, off for the text door (measured: see
-        the benchmarks page). False is the paper's protocol (the last generation).
+        False is the paper's protocol (the last generation); "auto" is the
+        door's default (off on both doors).
     validation_fraction : float, default=0.1
         Fraction of each class's shots held back when ``early_stopping``.
     n_iter_no_change : int or None, default=None
@@ -247,7 +256,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         "image_range": [None, tuple, list],
         "vocabulary": [None, Interval(Integral, 1, None, closed="left"), list, tuple, np.ndarray],
         "fresh_views": ["boolean"],
-        "prompt_tuning": ["boolean"],
+        "prompt_tuning": ["boolean", StrOptions({"auto"})],
         "refinement": ["boolean"],
         "max_iter": [None, Interval(Integral, 1, None, closed="left")],
         "early_stopping": ["boolean", StrOptions({"auto"})],
@@ -265,8 +274,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         self, *, backend=None, door="auto", class_names=None, query_budget="auto", popsize="auto",
         intrinsic_dim=512, sigma=1.0, bound=5.0, projection_std=0.2, consistency_weight=0.1,
         consistency_fraction=0.25, hidden_dim=256, learning_rate=1e-3, batch_size=32, n_views=8,
-        augmentation="crop", fresh_views=False, image_range=None, vocabulary=None, prompt_tuning=True,
-        refinement=True, max_iter=None, early_stopping="auto", validation_fraction=0.1, n_iter_no_change=None,
+        augmentation="crop", fresh_views=False, image_range=None, vocabulary=None, prompt_tuning="auto",
+        refinement=True, max_iter=None, early_stopping=False, validation_fraction=0.1, n_iter_no_change=None,
         tol=1e-4, checkpoint=None, checkpoint_every=10, random_state=None, verbose=0, warm_start=False,
     ):
         self.backend = backend
@@ -357,14 +366,18 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             warm_from = previous.generation if previous is not None else None
             run_id = fit_fingerprint(images, y_idx, params, classes, warm_from)
             saved = read_checkpoint(self.checkpoint, run_id)
-        loop, run = build_run(door, settings, images, y_idx, self.random_state, previous, saved)
+        loop, run, selection = start_fit(door, settings, images, y_idx, self.random_state, previous, saved)
         run.fingerprint = run_id
-        callbacks = [Progress(loop, run, verbose=self.verbose, by_query=settings.prompt_tuning,
+        if selection is not None and self.verbose:
+            print(f"prompt_tuning='auto' chose {selection.choice} ({selection.reason}); "
+                  f"{door.counter.n_queries} queries spent so far")
+        callbacks = [Progress(loop, run, verbose=self.verbose, by_query=loop.search is not None,
                               patience=settings.n_iter_no_change)]
         if self.checkpoint is not None:
             callbacks.append(Checkpointer(self.checkpoint, self.checkpoint_every))
         run_generations(loop, run, callbacks)
         self._store(door, loop, run, previous, classes, names, X)
+        self.selection_ = None if selection is None else dataclasses.asdict(selection)
         self.fit_time_ = time.perf_counter() - start_time
         return self
 
@@ -385,7 +398,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         self.validation_loss_ = None if best is None else best.loss
         self.n_queries_ = counter.n_queries
         self.n_queries_by_purpose_ = {
-            purpose: counter.by_purpose.get(purpose, 0) for purpose in ("screen", "prompt", "refiner", "validation")
+            purpose: counter.by_purpose.get(purpose, 0)
+            for purpose in ("screen", "prompt", "refiner", "validation", "pilot")
         }
         self.n_images_scored_ = counter.n_images_scored
         self.history_ = run.history

@@ -46,9 +46,9 @@ def digits_split(n_shots=8, n_classes=10, seed=0, n_test=200):
     return Xtr, ytr, Xte[test], yte[test]
 
 
-# Small, fast settings for CarrotClassifier in tests: the plain loop, no validation shots held back.
+# Small, fast settings for CarrotClassifier in tests: the plain loop (the paper's protocol), no shots held back.
 FAST = dict(query_budget=200, popsize=8, intrinsic_dim=16, hidden_dim=32, n_views=2, random_state=0,
-            early_stopping=False)
+            early_stopping=False, prompt_tuning=True)
 
 
 def search_alone(backend, images, y, search, budget=None, n_steps=None):

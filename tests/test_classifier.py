@@ -42,8 +42,8 @@ def fitted_micro(micro, digits):
 def test_exact_query_counts_with_a_strict_black_box(digits, prompt_tuning, refinement, budget, popsize, expected):
     Xtr, ytr, Xte, _ = digits
     box = StrictBackend()
-    params = dict(FAST, query_budget=budget, popsize=popsize)
-    clf = CarrotClassifier(backend=box, prompt_tuning=prompt_tuning, refinement=refinement, **params)
+    params = dict(FAST, query_budget=budget, popsize=popsize, prompt_tuning=prompt_tuning, refinement=refinement)
+    clf = CarrotClassifier(backend=box, **params)
     clf.fit(Xtr, ytr)
     assert clf.n_queries_ == scored(box) == expected
     assert clf.n_queries_ <= budget
@@ -62,9 +62,9 @@ def test_budget_smaller_than_one_generation_is_an_error(digits):
     with pytest.raises(ValueError, match=r"query_budget=8 is smaller than one generation .* = 9 queries"):
         CarrotClassifier(backend=ToyBackend(), **dict(FAST, query_budget=8)).fit(Xtr, ytr)
     with pytest.raises(ValueError, match="smaller than one generation"):
-        CarrotClassifier(backend=ToyBackend(), refinement=False, **dict(FAST, query_budget=7)).fit(Xtr, ytr)
+        CarrotClassifier(backend=ToyBackend(), **dict(FAST, refinement=False, query_budget=7)).fit(Xtr, ytr)
     with pytest.raises(ValueError, match="smaller than one generation"):
-        CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, **dict(FAST, query_budget=0)).fit(Xtr, ytr)
+        CarrotClassifier(backend=ToyBackend(), **dict(FAST, prompt_tuning=False, query_budget=0)).fit(Xtr, ytr)
     # zero-shot needs no budget at all
     CarrotClassifier(backend=ToyBackend(), prompt_tuning=False, refinement=False, query_budget=0).fit(Xtr, ytr)
     # exactly one generation is enough
@@ -237,7 +237,8 @@ def test_fitness_goes_down_and_learned_prompt_beats_hand_written(micro, digits):
     """On a random-init model: the search finds a prompt better on the training set."""
     Xtr, ytr, _, _ = digits
     clf = CarrotClassifier(
-        backend=micro, refinement=False, query_budget=400, popsize=10, intrinsic_dim=32, random_state=0
+        backend=micro, prompt_tuning=True, refinement=False, query_budget=400, popsize=10, intrinsic_dim=32,
+        random_state=0,
     ).fit(Xtr, ytr)
     best = [h["best_fitness"] for h in clf.history_]
     assert np.mean(best[-5:]) < np.mean(best[:5])
@@ -255,7 +256,7 @@ def test_refiner_and_full_beat_zero_shot_on_toy_box():
     Xtr, ytr, Xte, yte = digits_split(n_shots=16, seed=1, n_test=400)
     common = dict(backend=ToyBackend(), query_budget=1000, popsize=10, intrinsic_dim=32, random_state=0)
     zero = CarrotClassifier(prompt_tuning=False, refinement=False, **common).fit(Xtr, ytr).score(Xte, yte)
-    full = CarrotClassifier(**common).fit(Xtr, ytr).score(Xte, yte)
+    full = CarrotClassifier(prompt_tuning=True, **common).fit(Xtr, ytr).score(Xte, yte)
     refine = CarrotClassifier(prompt_tuning=False, **common).fit(Xtr, ytr).score(Xte, yte)
     assert full > zero + 0.2
     assert refine > zero + 0.2

@@ -12,11 +12,16 @@ CHECK_PARAMS = dict(
     image_range=(-4.0, 4.0),
 )
 
-# Check name -> why it is expected to fail. Empty today: every check passes.
+# Check name -> why it is expected to fail.
 # Note: the estimator sets the ``poor_score`` tag, because sklearn's synthetic
 # tabular problems read as images mean nothing to a vision-language model, so
 # the accuracy thresholds of check_classifiers_train do not apply.
-EXPECTED_FAILED_CHECKS: dict[str, str] = {}
+EXPECTED_FAILED_CHECKS: dict[str, str] = {
+    "check_non_transformer_estimators_n_iter": (
+        "prompt_tuning='auto' keeps the hand-written prompt when neither the refiner nor the prompt search "
+        "beats it on held-out shots (as on sklearn's random tabular data): no generation runs and n_iter_ is 0"
+    ),
+}
 
 
 @parametrize_with_checks(

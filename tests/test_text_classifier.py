@@ -50,7 +50,7 @@ def test_zero_shot_on_the_text_door_is_the_hand_written_prompt(split, zero_shot)
 def test_text_level_carrot_learns_readable_prompts_within_budget(split, zero_shot):
     Xtr, ytr, Xte, yte = split
     door = CountingTextBackend()
-    clf = CarrotClassifier(backend=door, query_budget=120, random_state=0).fit(Xtr, ytr)
+    clf = CarrotClassifier(backend=door, query_budget=120, prompt_tuning=True, random_state=0).fit(Xtr, ytr)
     assert clf.n_queries_ == door.sets <= 120
     assert clf.n_images_scored_ == door.images
     assert clf.n_queries_by_purpose_["screen"] == 1  # one query screens every candidate word
@@ -66,7 +66,7 @@ def test_text_level_carrot_learns_readable_prompts_within_budget(split, zero_sho
 
 def test_text_prompt_search_alone_beats_zero_shot_and_is_seeded(split, zero_shot):
     Xtr, ytr, Xte, yte = split
-    params = dict(backend=OpenCLIPTextBackend(), refinement=False, query_budget=81, random_state=3,
+    params = dict(backend=OpenCLIPTextBackend(), prompt_tuning=True, refinement=False, query_budget=81, random_state=3,
                   early_stopping=False)
     a = CarrotClassifier(**params).fit(Xtr, ytr)
     b = CarrotClassifier(**params).fit(Xtr, ytr)
@@ -78,16 +78,16 @@ def test_text_prompt_search_alone_beats_zero_shot_and_is_seeded(split, zero_shot
 def test_the_text_door_never_sends_an_over_budget_query(split):
     Xtr, ytr, _, _ = split
     door = CountingTextBackend()
-    clf = CarrotClassifier(backend=door, query_budget=30, popsize=4, random_state=0).fit(Xtr, ytr)
+    clf = CarrotClassifier(backend=door, query_budget=30, popsize=4, prompt_tuning=True, random_state=0).fit(Xtr, ytr)
     assert door.sets == clf.n_queries_ <= 30
     with pytest.raises(ValueError, match="smaller than one generation"):
-        CarrotClassifier(backend=door, query_budget=5, random_state=0).fit(Xtr, ytr)
+        CarrotClassifier(backend=door, query_budget=5, prompt_tuning=True, random_state=0).fit(Xtr, ytr)
 
 
 def test_warm_start_keeps_the_door_and_the_candidates(split):
     Xtr, ytr, _, _ = split
     clf = CarrotClassifier(backend=OpenCLIPTextBackend(), query_budget=40, popsize=4, warm_start=True,
-                           random_state=0).fit(Xtr, ytr)
+                           prompt_tuning=True, random_state=0).fit(Xtr, ytr)
     candidates, prompt = clf.prompt_candidates_, clf.prompt_
     clf.set_params(prompt_tuning=False).fit(Xtr, ytr)  # the refiner moves, the learned prompt stays
     assert clf.prompt_ == prompt

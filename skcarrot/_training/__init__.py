@@ -10,11 +10,12 @@ from .callbacks import Checkpointer, Progress
 from .checkpoint import fit_fingerprint, read_checkpoint
 from .early_stopping import EarlyStopping, Snapshot, stratified_holdout
 from .loop import CollaborativeLoop, plan_generations, run_generations
+from .selection import Selection, start_fit
 from .state import FitSettings, PreviousFit, RunState, build_run
 from .views import FreshViews, ViewPool
 
 __all__ = [
     "Checkpointer", "CollaborativeLoop", "EarlyStopping", "FitSettings", "FreshViews", "PreviousFit", "Progress",
-    "RunState", "Snapshot", "ViewPool", "build_run", "fit_fingerprint", "plan_generations", "read_checkpoint",
-    "run_generations", "stratified_holdout",
+    "RunState", "Selection", "Snapshot", "ViewPool", "build_run", "fit_fingerprint", "plan_generations", "read_checkpoint",
+    "run_generations", "start_fit", "stratified_holdout",
 ]

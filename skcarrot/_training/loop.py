@@ -182,13 +182,17 @@ class CollaborativeLoop:
         """
         n_images = len(self.images)
         if self.search is None and self.views.fixed:
-            if self._pool_scores is None:
-                pool = self.door.score(self.views.all_views(), self.door.one(self.prompt), "refiner")[0]
-                self._pool_scores = pool.reshape(self.views.n_views, n_images, -1)
             pick = self.views.pick(self.rng, n_images)
-            return self._pool_scores[pick, np.arange(n_images)]
+            return self.pool_scores()[pick, np.arange(n_images)]
         sent = self.views.epoch_views(self.rng)
         return self.door.score(sent, self.door.one(self.prompt), "refiner")[0]
+
+    def pool_scores(self) -> np.ndarray:
+        """Scores ``(n_views, N, C)`` of the whole fixed view pool under the current prompt (one query, once)."""
+        if self._pool_scores is None:
+            pool = self.door.score(self.views.all_views(), self.door.one(self.prompt), "refiner")[0]
+            self._pool_scores = pool.reshape(self.views.n_views, len(self.images), -1)
+        return self._pool_scores
 
     def refiner_step(self) -> dict:
         """One refiner epoch on this epoch's views; training accuracy read off the same logits."""

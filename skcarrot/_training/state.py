@@ -46,7 +46,7 @@ class FitSettings:
     augmentation: Any
     fresh_views: bool
     vocabulary: Any
-    prompt_tuning: bool
+    prompt_tuning: bool | str
     refinement: bool
     max_iter: int | None
     validation_fraction: float

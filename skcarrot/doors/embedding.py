@@ -32,7 +32,7 @@ class EmbeddingDoor(Door):
     method = "logits"
     default_budget = 8000  # the paper's
     default_popsize = 40
-    early_stopping_default = True  # measured: see the benchmarks page
+    early_stopping_default = False
     fitted_attributes = ("prompt_offset_", "prompt_z_")
 
     def __init__(self, backend: Any, class_names, budget: int | None = None) -> None:
@@ -81,5 +81,6 @@ class EmbeddingDoor(Door):
     def fitted(self, result: Any, search: Any, seeds: dict, previous: Any) -> tuple[dict, dict]:
         offset = np.asarray(result.prompt, dtype=np.float32).copy()
         z = None if result.z is None else np.asarray(result.z, dtype=np.float64)
-        state = {"prompt": offset, "z": z, "projection_seed": seeds["projection"] if z is not None else None}
+        state = {"prompt": offset, "z": z, "projection_seed": seeds["projection"] if z is not None else None,
+                 "searched": z is not None}
         return {"prompt_offset_": offset, "prompt_z_": z}, state

@@ -42,7 +42,7 @@ class TextDoor(Door):
     # Every prompt set is scored image by image on hosted endpoints: a few hundred prompt sets.
     default_budget = 250
     default_popsize = 10
-    early_stopping_default = False  # measured: see the benchmarks page
+    early_stopping_default = False
     fitted_attributes = ("prompt_", "prompt_candidates_")
 
     @classmethod
@@ -107,5 +107,6 @@ class TextDoor(Door):
             candidates, logits = previous.state.get("candidates"), previous.state.get("logits")
         else:
             candidates = logits = None
-        state = {"prompt": prompt, "z": None, "candidates": candidates, "logits": logits}
+        state = {"prompt": prompt, "z": None, "candidates": candidates, "logits": logits,
+                 "searched": candidates is not None}
         return {"prompt_": prompt, "prompt_candidates_": candidates}, state

@@ -34,6 +34,20 @@ def _one_blas_thread():
         yield
 
 
+@contextlib.contextmanager
+def _global_stream(generator: np.random.RandomState):
+    # pycma's TPA step-size rule (used from dimension 300 on) draws from numpy's global stream in
+    # a consistency check after each tell. The check changes no result; lending it our own stream
+    # for the call keeps the user's global state untouched (callers hold _BLAS_LOCK: one at a time).
+    saved = np.random.get_state()
+    np.random.set_state(generator.get_state())
+    try:
+        yield
+    finally:
+        generator.set_state(np.random.get_state())
+        np.random.set_state(saved)
+
+
 def projection_matrix(
     intrinsic_dim: int, context_shape: tuple[int, int], std: float, seed: int
 ) -> np.ndarray:
@@ -106,6 +120,7 @@ class CMAESPromptSearch:
         # CMA-ES draws from its own generator: cma's "seed" option would reseed and
         # sample numpy's global stream, which belongs to the user (and to other threads).
         self._random = np.random.RandomState(int(cma_seed))
+        self._checks = np.random.RandomState(int(cma_seed) + 1)  # pycma's draws from the global stream
         opts = {
             "seed": np.nan,
             "randn": self._random.randn,
@@ -133,7 +148,7 @@ class CMAESPromptSearch:
 
     def tell(self, solutions: np.ndarray, fitness: np.ndarray) -> None:
         """Report the fitness (lower is better) of the candidates from :meth:`ask`."""
-        with _one_blas_thread():
+        with _one_blas_thread(), _global_stream(self._checks):
             self.es.tell(list(solutions), [float(f) for f in fitness])
 
     def offsets(self, Z: np.ndarray) -> np.ndarray:
@@ -155,8 +170,8 @@ class CMAESPromptSearch:
 
     def state(self) -> dict:
         """CMA-ES's state and its generator (pickled together, they stay linked)."""
-        return {"es": self.es, "random": self._random}
+        return {"es": self.es, "random": self._random, "checks": self._checks}
 
     def restore(self, state: dict) -> None:
         """Continue from :meth:`state`."""
-        self.es, self._random = state["es"], state["random"]
+        self.es, self._random, self._checks = state["es"], state["random"], state["checks"]

@@ -98,7 +98,8 @@ def cross_entropy_fitness(log_probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return -log_probs[:, np.arange(len(y)), y].mean(axis=1)
 
 
-def coordinate_losses(base: np.ndarray, candidates: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
+def coordinate_losses(base: np.ndarray, candidates: np.ndarray, y: np.ndarray, c: int,
+                      per_image: bool = False) -> np.ndarray:
     """Training cross-entropy when each candidate column replaces class ``c``'s column.
 
     Parameters
@@ -109,10 +110,12 @@ def coordinate_losses(base: np.ndarray, candidates: np.ndarray, y: np.ndarray, c
         Candidates' scores on the same scale (same query frame).
     y : ndarray of shape (n_images,)
     c : int
+    per_image : bool, default=False
+        Return each image's loss instead of the mean.
 
     Returns
     -------
-    losses : ndarray of shape (n_candidates,)
+    losses : ndarray of shape (n_candidates,), or (n_images, n_candidates) per image
 
     Examples
     --------
@@ -127,7 +130,30 @@ def coordinate_losses(base: np.ndarray, candidates: np.ndarray, y: np.ndarray, c
     total = np.logaddexp(rest[:, None], candidates)  # (N, M)
     is_c = (y == c)[:, None]
     true = np.where(is_c, candidates, base[np.arange(len(y)), y][:, None])
-    return (total - true).mean(axis=0)
+    losses = total - true
+    return losses if per_image else losses.mean(axis=0)
+
+
+#: Standard errors by which a word must lower the training loss to be kept.
+_SCREEN_MARGIN = 2.0
+
+
+def _reliable_gains(base: np.ndarray, candidate_scores: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """A lower confidence bound on each word's drop of training loss for each class, ``(C, n_words)``.
+
+    Each image's loss drop is one observation: the bound is their mean less ``_SCREEN_MARGIN``
+    standard errors. Screening 200 words on a few shots a class, some lower the mean loss by
+    chance, and the search then fits them to the shots (measured: text-level CARROT 2.3 points
+    below the refiner alone on held-out digits); a word must help most shots, not a few.
+    """
+    log_probs = base - logsumexp(base, axis=1)[:, None]
+    current = -log_probs[np.arange(len(y)), y]  # (N,)
+    bounds = []
+    for c in range(n_classes):
+        drop = current[:, None] - coordinate_losses(base, candidate_scores, y, c, per_image=True)  # (N, M)
+        spread = drop.std(axis=0, ddof=1) / np.sqrt(len(y)) if len(y) > 1 else np.inf
+        bounds.append(drop.mean(axis=0) - _SCREEN_MARGIN * spread)
+    return np.stack(bounds)
 
 
 class TextPromptSearch:
@@ -309,10 +335,7 @@ class TextPromptSearch:
         kept: list[list[str]] = [[] for _ in range(n_classes)]
         if scores:
             candidate_scores = np.concatenate(scores, axis=1)  # (N, n_words)
-            current = float(cross_entropy_fitness(base[np.newaxis], y)[0])
-            gains = np.stack(
-                [current - coordinate_losses(base, candidate_scores, y, c) for c in range(n_classes)]
-            )  # (C, n_words)
+            gains = _reliable_gains(base, candidate_scores, y, n_classes)  # (C, n_words)
             # Each word serves the class it helps most, so no two classes can pick one wording.
             owner = gains.argmax(axis=0)
             for c in range(n_classes):

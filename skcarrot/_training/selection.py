@@ -1,0 +1,192 @@
+"""``prompt_tuning="auto"``: pay for the prompt search only where held-out shots say it pays.
+
+The default fit is staged, cheapest first, and every choice is made on shots the candidate
+did not train on, then refitted on all shots (no shot is held back from the final model):
+
+1. **Zero-shot or refiner?** One query scores the view pool of every shot under the
+   hand-written prompt (the query a refine-only fit spends anyway). K-fold cross-validation
+   on those logits trains a refiner per fold and scores it on the fold's held-out originals:
+   no further query. The refiner replaces the hand-written prompt only when its held-out
+   gain in cross-entropy exceeds its own standard error.
+2. **Prompt search?** A pilot of the full method (prompt search and refiner) is cross-fitted
+   on two halves of the shots within a quarter of the budget, and compared, image by image
+   on the half it did not see, with the choice of step 1 trained on the same half. The rest
+   of the budget goes to the full method on all shots only when the pilot's gain exceeds
+   twice its standard error; otherwise the fit ends with step 1's choice, refitted on all
+   shots from the logits already paid for.
+
+With one shot in some class nothing can be held out: the refiner on the hand-written
+prompt is used (measured: see the benchmarks page).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+
+from ..losses import cross_entropy
+from ..refiner import refine_logits
+from .loop import run_generations
+from .state import FitSettings, build_run
+
+__all__ = ["Selection", "select_and_build", "start_fit"]
+
+#: Fraction of the budget the prompt-search pilot may spend (both halves together).
+PILOT_FRACTION = 0.25
+#: Standard errors by which a candidate must beat the simpler one.
+REFINER_MARGIN = 1.0
+SEARCH_MARGIN = 2.0
+_FOLDS = 4
+
+
+@dataclass
+class Selection:
+    """What ``prompt_tuning="auto"`` chose, and why."""
+
+    choice: str  # "zero-shot", "refine-only" or "carrot"
+    reason: str
+    refiner_gain: float | None = None
+    search_gain: float | None = None
+    pilot_queries: int = 0
+
+
+def _per_image_ce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    return torch.nn.functional.cross_entropy(logits, torch.as_tensor(y, dtype=torch.long), reduction="none").numpy()
+
+
+def _gain(simple: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """Mean per-image drop of cross-entropy from ``simple`` to ``candidate``, and its standard error."""
+    diff = np.asarray(simple, dtype=float) - np.asarray(candidate, dtype=float)
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else np.inf
+
+
+def _stratified_folds(y: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
+    """A fold index per shot, each class dealt round-robin over the folds in a seeded order."""
+    folds = np.empty(len(y), dtype=int)
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        folds[rng.permutation(members)] = np.arange(len(members)) % k
+    return folds
+
+
+def _refine_on_pool(refine_run, idx: np.ndarray, seed: int) -> dict | None:
+    """Refiner weights trained, as the refine-only fit trains them, on the pool logits of shots ``idx``."""
+    loop, run = refine_run
+    fold = dataclasses.replace(
+        loop, images=[loop.images[i] for i in idx], y=loop.y[idx], rng=np.random.RandomState(seed),
+        refiner=None, optimizer=None, _pool_scores=loop.pool_scores()[:, idx],
+    )
+    refiner = type(loop.refiner)(loop.refiner.fc1.in_features, loop.refiner.fc1.out_features,
+                                 torch.Generator().manual_seed(seed))
+    fold.refiner, fold.optimizer = refiner, torch.optim.Adam(refiner.parameters(), lr=loop.optimizer.defaults["lr"])
+    fold.generation, fold.early_stopping = 0, None
+    for _ in range(run.n_generations):
+        fold.generation_step()
+    return refiner.get_weights()
+
+
+def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarray, random_state: Any,
+                     saved: dict | None = None) -> tuple[Any, Any, Selection]:
+    """Run the stages and build the final run: ``(loop, run, selection)``; the run's generations are left to run.
+
+    ``saved``: a checkpoint of the final run, restored once the (deterministic) stages chose it again.
+    """
+    refine_run = None
+    if settings.refinement:
+        refine_run = build_run(door, dataclasses.replace(settings, prompt_tuning=False, early_stopping=False),
+                               images, y, random_state)
+        # The one query: the view pool of every shot under the hand-written prompt; view 0 holds the originals.
+        originals = refine_run[0].pool_scores()[0]
+        seed = int(refine_run[1].seeds["loop"])
+    else:  # no refiner to choose: the bare prompt's scores of the shots, for the pilot to beat
+        originals = door.score(images, door.one(door.zero_shot_prompt()), "pilot")[0]
+        seed = int(check_random_state(random_state).randint(1, 2**31 - 1))
+    counts = np.bincount(y)
+    if counts.min() < 2:
+        choice = "refine-only" if settings.refinement else "zero-shot"
+        selection = Selection(choice, "one shot in some class: nothing can be held out")
+        return _final(door, settings, images, y, random_state, selection, refine_run, saved)
+
+    # Stage 1: zero-shot or refiner, by K-fold cross-validation on the logits already paid for.
+    zero_shot = _per_image_ce(originals, y)
+    use_refiner = False
+    selection = Selection("zero-shot", "no refiner (refinement=False)")
+    if refine_run is not None:
+        k = int(min(_FOLDS, counts.min()))
+        folds = _stratified_folds(y, k, np.random.RandomState(seed))
+        refined = np.empty(len(y), dtype=float)
+        for f in range(k):
+            train, held = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+            weights = _refine_on_pool(refine_run, train, seed + f)
+            refined[held] = _per_image_ce(refine_logits(originals[held], weights), y[held])
+        gain, se = _gain(zero_shot, refined)
+        use_refiner = gain > REFINER_MARGIN * se
+        selection = Selection(
+            "refine-only" if use_refiner else "zero-shot",
+            f"refiner's held-out gain {gain:+.3f} ± {se:.3f} nats per image",
+            refiner_gain=gain,
+        )
+
+    # Stage 2: a cross-fitted pilot of the full method within a quarter of the budget.
+    pilot_budget = int(PILOT_FRACTION * settings.query_budget) // 2
+    halves = _stratified_folds(y, 2, np.random.RandomState(seed + 97))
+    pilot = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False, query_budget=pilot_budget)
+    before = door.counter.n_queries
+    simple, full = np.empty(len(y)), np.empty(len(y))
+    try:
+        for h in (0, 1):
+            train, held = np.flatnonzero(halves != h), np.flatnonzero(halves == h)
+            pilot_loop, pilot_run = build_run(door, pilot, [images[i] for i in train], y[train], seed + 11 * (h + 1))
+            run_generations(pilot_loop, pilot_run)
+            result = pilot_loop.result()
+            held_logits = door.score([images[i] for i in held], door.one(result.prompt), "pilot")[0]
+            full[held] = _per_image_ce(refine_logits(held_logits, result.refiner_weights), y[held])
+            weights = _refine_on_pool(refine_run, train, seed + 50 + h) if use_refiner else None
+            simple[held] = _per_image_ce(refine_logits(originals[held], weights), y[held])
+    except ValueError as exc:  # the budget can not buy a pilot generation
+        selection.reason += f"; no pilot of the prompt search ({exc})"
+        return _final(door, settings, images, y, random_state, selection, refine_run, saved)
+    selection.pilot_queries = door.counter.n_queries - before
+    gain, se = _gain(simple, full)
+    selection.search_gain = gain
+    pays = gain > SEARCH_MARGIN * se
+    selection.reason += f"; prompt search pilot's held-out gain {gain:+.3f} ± {se:.3f}"
+    if pays:
+        selection.choice = "carrot"
+    return _final(door, settings, images, y, random_state, selection, refine_run, saved)
+
+
+def _final(door, settings, images, y, random_state, selection: Selection, refine_run, saved):
+    if selection.choice == "refine-only":
+        loop, run = refine_run
+        if saved is not None:
+            loop.restore(saved["loop"])
+            run = saved["run"]
+        return loop, run, selection
+    if selection.choice == "zero-shot":
+        final = dataclasses.replace(settings, prompt_tuning=False, refinement=False, early_stopping=False)
+    else:
+        final = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False,
+                                    query_budget=int(door.counter.remaining))
+    return (*build_run(door, final, images, y, random_state, saved=saved), selection)
+
+
+def start_fit(door: Any, settings: FitSettings, images: list, y: np.ndarray, random_state: Any,
+              previous: Any = None, saved: dict | None = None) -> tuple[Any, Any, Selection | None]:
+    """The run of a fit, whatever ``prompt_tuning`` says: ``(loop, run, selection)``.
+
+    ``"auto"`` runs the stages of this module on a new fit (``selection`` says what they
+    chose); a warm start continues the mode its previous fit ended in.
+    """
+    if settings.prompt_tuning != "auto":
+        return (*build_run(door, settings, images, y, random_state, previous, saved), None)
+    if previous is not None:
+        settings = dataclasses.replace(settings, prompt_tuning=bool(previous.state.get("searched")))
+        return (*build_run(door, settings, images, y, random_state, previous, saved), None)
+    return select_and_build(door, settings, images, y, random_state, saved)

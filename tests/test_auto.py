@@ -1,0 +1,112 @@
+"""prompt_tuning="auto": the cheapest model that held-out shots cannot tell apart from a dearer one."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skcarrot import CarrotClassifier
+from skcarrot.backends import OpenCLIPTextBackend
+
+SMALL = dict(popsize=8, intrinsic_dim=8, hidden_dim=32, n_views=2, random_state=0)
+
+
+def _shots(n_per_class, seed=0):
+    """Two classes: dark and bright images, with noise."""
+    rng = np.random.RandomState(seed)
+    X = [np.clip(rng.normal(60 + 140 * c, 25, size=(8, 8)), 0, 255).astype(np.uint8)
+         for c in (0, 1) for _ in range(n_per_class)]
+    return np.stack(X), np.repeat([0, 1], n_per_class)
+
+
+class HiddenUntilPrompted:
+    """Logits carry the brightness only once the prompt offset unlocks it: the refiner alone can not."""
+
+    context_shape = (1, 4)
+
+    def logits(self, images, class_names, offsets):
+        b = np.array([np.asarray(img.convert("L"), float).mean() / 255 - 0.5 for img in images])
+        key = np.tanh(np.asarray(offsets, float).reshape(len(offsets), -1).sum(1))  # (P,)
+        out = np.zeros((len(offsets), len(images), len(class_names)))
+        out[:, :, 1] = 8.0 * key[:, None] * b[None, :]
+        return out
+
+
+class Noise:
+    """Logits that say nothing about the class, whatever the prompt: nothing can beat the bare prompt."""
+
+    context_shape = (1, 4)
+
+    def logits(self, images, class_names, offsets):
+        seeds = [int(np.asarray(img.convert("L")).sum()) for img in images]
+        noise = np.stack([np.random.RandomState(s).normal(scale=0.05, size=len(class_names)) for s in seeds])
+        return np.repeat(noise[None], len(offsets), axis=0)
+
+
+def test_auto_spends_the_budget_when_the_pilot_pays():
+    X, y = _shots(12)
+    clf = CarrotClassifier(backend=HiddenUntilPrompted(), query_budget=400, **SMALL).fit(X, y)
+    assert clf.selection_["choice"] == "carrot"
+    assert clf.selection_["search_gain"] > 0 and clf.n_queries_ > 0.5 * 400
+    assert clf.n_queries_ <= 400
+    Xte, yte = _shots(30, seed=1)
+    assert clf.score(Xte, yte) > 0.9
+
+
+def test_auto_keeps_the_hand_written_prompt_when_nothing_beats_it():
+    X, y = _shots(12)
+    clf = CarrotClassifier(backend=Noise(), query_budget=400, **SMALL).fit(X, y)
+    assert clf.selection_["choice"] == "zero-shot"
+    assert clf.refiner_weights_ is None and np.all(clf.prompt_offset_ == 0) and clf.n_iter_ == 0
+    assert clf.n_queries_ <= 0.25 * 400 + 1  # the pool query and the pilot, no more
+
+
+def test_auto_refines_the_digits_for_a_quarter_of_the_budget_at_most(digits):
+    Xtr, ytr, Xte, yte = digits
+    clf = CarrotClassifier(query_budget=800, popsize=8, intrinsic_dim=16, random_state=0).fit(Xtr, ytr)
+    zero_shot = CarrotClassifier(prompt_tuning=False, refinement=False).fit(Xtr, ytr)
+    assert clf.selection_["choice"] == "refine-only" and clf.selection_["refiner_gain"] > 0
+    assert clf.n_queries_ <= 0.25 * 800 + 1
+    assert clf.score(Xte, yte) > zero_shot.score(Xte, yte) + 0.1
+
+
+def test_one_shot_per_class_falls_back_to_the_refiner_and_says_why(digits):
+    Xtr, ytr, _, _ = digits
+    first = np.array([np.flatnonzero(ytr == c)[0] for c in np.unique(ytr)])
+    clf = CarrotClassifier(query_budget=400, popsize=8, intrinsic_dim=16, random_state=0).fit(Xtr[first], ytr[first])
+    assert clf.selection_["choice"] == "refine-only" and "one shot" in clf.selection_["reason"]
+    assert clf.n_queries_ == 1
+
+
+def test_the_paper_protocol_is_one_setting_away(digits):
+    Xtr, ytr, _, _ = digits
+    clf = CarrotClassifier(prompt_tuning=True, query_budget=300, popsize=8, intrinsic_dim=16,
+                           random_state=0).fit(Xtr, ytr)
+    assert clf.selection_ is None and clf.n_queries_ == 300 // 9 * 9  # every generation, no selection
+    assert clf.best_generation_ == clf.n_iter_
+
+
+def test_auto_on_the_text_door_reports_its_choice(digits):
+    Xtr, ytr, Xte, yte = digits
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    clf = CarrotClassifier(backend=OpenCLIPTextBackend(), class_names=names, random_state=0).fit(Xtr, ytr)
+    assert clf.selection_["choice"] in {"zero-shot", "refine-only", "carrot"}
+    assert clf.n_queries_ <= 250
+    if clf.selection_["choice"] != "carrot":
+        assert clf.n_queries_ <= 0.25 * 250 + 1
+
+
+def test_verbose_says_what_was_chosen_and_what_it_cost(digits, capsys):
+    Xtr, ytr, _, _ = digits
+    CarrotClassifier(query_budget=400, popsize=8, intrinsic_dim=16, random_state=0, verbose=1).fit(Xtr, ytr)
+    out = capsys.readouterr().out
+    assert "prompt_tuning='auto' chose" in out and "queries spent" in out
+
+
+@pytest.mark.parametrize("prompt_tuning", ["auto", True])
+def test_a_warm_start_continues_the_mode_of_the_previous_fit(digits, prompt_tuning):
+    Xtr, ytr, _, _ = digits
+    clf = CarrotClassifier(query_budget=300, popsize=8, intrinsic_dim=16, random_state=0, warm_start=True,
+                           prompt_tuning=prompt_tuning).fit(Xtr, ytr)
+    searched = clf.prompt_z_ is not None
+    clf.set_params(prompt_tuning="auto").fit(Xtr, ytr)
+    assert (clf.prompt_z_ is not None) == searched and clf.selection_ is None
