@@ -26,6 +26,7 @@ from ._training import (
     start_fit,
     fit_fingerprint,
     read_checkpoint,
+    requests_named_by,
     run_generations,
 )
 from ._validation import ImageClassifierMixin, check_images_and_labels, resolve_class_names
@@ -196,27 +197,28 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         Queries spent by the last call to ``fit``; never above ``query_budget``.
     n_queries_by_purpose_ : dict of str to int
         The same split into ``"screen"`` (text door: candidate words),
-        ``"prompt"`` (candidate prompts), ``"refiner"`` (training views scored
-        for the refiner) and ``"validation"``.
+        ``"prompt"``, ``"refiner"``, ``"validation"`` and ``"pilot"`` (held-out
+        scoring of the pilots of ``prompt_tuning="auto"``; their training is
+        counted as prompt and refiner queries).
     n_images_scored_ : int
         Images sent to the black box by the last ``fit``, summed over calls:
         its cost in image forward passes.
     history_ : list of dict
         One entry per generation: ``generation``, ``queries`` (spent so far),
-        ``best_fitness``, ``mean_fitness``, ``refiner_loss`` and
-        ``train_accuracy`` (of the refined model on this epoch's views when the
-        refiner trains, else of the generation's best candidate); with early
-        stopping also ``validation_accuracy`` and ``validation_loss``.
+        ``best_fitness``, ``mean_fitness``, ``refiner_loss``, ``train_accuracy``
+        and, with early stopping, ``validation_accuracy`` and ``validation_loss``.
     n_iter_ : int
         Generations run, over all warm-started fits.
     best_generation_ : int
-        Generation of the model kept: the generation the fit started from (0
-        on a fresh fit: zero-shot) when nothing beat it; the last one without
-        early stopping.
+        Generation of the model kept (the last one without early stopping).
     validation_score_ : float or None
         Validation accuracy of the kept model (None without early stopping).
     validation_loss_ : float or None
         Its validation cross-entropy, the criterion of the choice.
+    selection_ : dict or None
+        What ``prompt_tuning="auto"`` chose (``choice``: "zero-shot",
+        "refine-only" or "carrot"), why (``reason``), the held-out gains and
+        ``pilot_queries``; None for any other setting.
     fit_time_ : float
         Seconds spent in the last ``fit``.
 
@@ -363,19 +365,16 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         door = door_type(backend, names, budget=settings.query_budget)
         saved = run_id = None
         if self.checkpoint is not None:
-            warm_from = previous.generation if previous is not None else None
-            run_id = fit_fingerprint(images, y_idx, params, classes, warm_from)
+            run_id = fit_fingerprint(images, y_idx, params, classes, previous and previous.generation)
             saved = read_checkpoint(self.checkpoint, run_id)
-        loop, run, selection = start_fit(door, settings, images, y_idx, self.random_state, previous, saved)
-        run.fingerprint = run_id
-        if selection is not None and self.verbose:
-            print(f"prompt_tuning='auto' chose {selection.choice} ({selection.reason}); "
-                  f"{door.counter.n_queries} queries spent so far")
-        callbacks = [Progress(loop, run, verbose=self.verbose, by_query=loop.search is not None,
-                              patience=settings.n_iter_no_change)]
-        if self.checkpoint is not None:
-            callbacks.append(Checkpointer(self.checkpoint, self.checkpoint_every))
-        run_generations(loop, run, callbacks)
+        with requests_named_by(backend, run_id, door.counter):
+            loop, run, selection = start_fit(door, settings, images, y_idx, self.random_state, previous, saved)
+            run.fingerprint = run_id
+            callbacks = [Progress(loop, run, verbose=self.verbose, by_query=loop.search is not None,
+                                  patience=settings.n_iter_no_change, selection=selection)]
+            if self.checkpoint is not None:
+                callbacks.append(Checkpointer(self.checkpoint, self.checkpoint_every))
+            run_generations(loop, run, callbacks)
         self._store(door, loop, run, previous, classes, names, X)
         self.selection_ = None if selection is None else dataclasses.asdict(selection)
         self.fit_time_ = time.perf_counter() - start_time

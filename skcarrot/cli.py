@@ -2,10 +2,15 @@
 
     skcarrot demo [--budget N] [--shots K] [--seed S] [--out DIR]
     skcarrot bench --root DIR --datasets NAME... --shots K... --seeds S... --methods NAME... --out DIR
+                   [--scheduler tcp://HOST:8786 | --workers N] [--resources NAME=AMOUNT...]
     skcarrot bench --list
     skcarrot serve [--model NAME --pretrained TAG_OR_FILE] [--db URL] [--host 127.0.0.1 --port 8000] [--workers N]
     skcarrot keys create --name NAME --budget QUERIES [--rate-limit QUERIES_PER_WINDOW] [--db URL]
     skcarrot keys list [--db URL]
+    skcarrot keys revoke NAME [--db URL]
+    skcarrot keys rotate NAME [--db URL]
+    skcarrot keys set-budget NAME QUERIES [--db URL]
+    skcarrot keys top-up NAME QUERIES [--db URL]
     skcarrot --version
 """
 
@@ -52,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="query budget of every fit (default: the paper's, by shots)")
     bench.add_argument("--out", default="bench_output", help="output folder (default bench_output)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    cluster = bench.add_mutually_exclusive_group()
+    cluster.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                         help="run the cells on the workers of this Dask scheduler (e.g. tcp://host:8786)")
+    cluster.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="run the cells on a local Dask cluster of N worker processes, one thread each")
+    bench.add_argument("--resources", nargs="+", default=None, metavar="NAME=AMOUNT",
+                       help="Dask resources each cell holds on its worker (e.g. GPU=1: one cell per GPU worker)")
+    bench.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                       help="torch threads of a cell on a worker (default: the worker's thread count)")
     _add_serve_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -59,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return _keys(args, keys_parser=sub.choices["keys"])
     if args.command == "bench":
-        from .bench import list_text, run_bench
+        from .bench import BenchError, list_text, run_bench
 
         if args.list:
             print(list_text())
@@ -67,14 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = run_bench(root=args.root, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
                              methods=args.methods, out=args.out, model=args.model, pretrained=args.pretrained,
-                             budget=args.budget, quiet=args.quiet)
-        except (FileNotFoundError, ValueError) as exc:
+                             budget=args.budget, quiet=args.quiet, scheduler=args.scheduler, workers=args.workers,
+                             resources=args.resources, torch_threads=args.torch_threads)
+        except (FileNotFoundError, ValueError, ImportError) as exc:
             print(f"skcarrot bench: error: {exc}", file=sys.stderr)
             return 2
+        except BenchError as exc:
+            print(f"skcarrot bench: error: {exc}", file=sys.stderr)
+            return 1
         from pathlib import Path
 
         print(Path(args.out, "summary.md").read_text(), end="")
-        print(f"{len(rows)} runs in {args.out}/results.jsonl; summary in {args.out}/summary.md and summary.csv")
+        print(f"{len(rows)} runs in {args.out}/cells/ (and {args.out}/results.jsonl); "
+              f"summary in {args.out}/summary.md and summary.csv")
         return 0
     if args.command == "demo":
         from .demo import run_demo
@@ -105,15 +124,28 @@ def _add_serve_commands(sub) -> None:
     create.add_argument("--rate-limit", type=int, default=None,
                         help="queries per rate window (default: unlimited; the window is 60 s)")
     create.add_argument("--db", default=None, help="ledger URL (as for serve)")
-    listing = keys_sub.add_parser("list", help="show each key's name, budget and spending (never the key)")
+    listing = keys_sub.add_parser("list", help="show each key's name, budget, spending and state (never the key)")
     listing.add_argument("--db", default=None, help="ledger URL (as for serve)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key: refused from the next charged request on")
+    revoke.add_argument("name", help="the key's name")
+    rotate = keys_sub.add_parser("rotate", help="print a new secret for a key (same account, budget and usage); "
+                                               "the old secret stops working")
+    rotate.add_argument("name", help="the key's name")
+    set_budget = keys_sub.add_parser("set-budget", help="set a key's total budget, in queries")
+    set_budget.add_argument("name", help="the key's name")
+    set_budget.add_argument("budget", type=int, help="the new total budget (what was spent stays spent)")
+    top_up = keys_sub.add_parser("top-up", help="add queries to a key's budget")
+    top_up.add_argument("name", help="the key's name")
+    top_up.add_argument("queries", type=int, help="queries to add")
+    for command in (revoke, rotate, set_budget, top_up):
+        command.add_argument("--db", default=None, help="ledger URL (as for serve)")
 
 
 def _serve(args) -> int:
     try:
         import uvicorn
 
-        from .serve.config import db_url_from_env, export_worker_env
+        from .serve.config import db_url_from_env, export_worker_env, settings_from_env
         from .serve.ledger import Ledger
     except ImportError as exc:
         print(f"skcarrot serve: error: {exc}; install the extra: pip install 'skcarrot[serve]'", file=sys.stderr)
@@ -134,8 +166,24 @@ def _serve(args) -> int:
         print("skcarrot serve: note: several workers on one SQLite file serialise their writes; "
               "use --db postgresql://... under load", file=sys.stderr)
     uvicorn.run("skcarrot.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level)
+                workers=args.workers, log_level=args.log_level, **uvicorn_limits(settings_from_env()))
     return 0
+
+
+def uvicorn_limits(settings) -> dict:
+    """uvicorn's options that bound what one connection may make the server hold.
+
+    The h11 parser buffers at most ``max_header_bytes`` of a request head (plus
+    its request line), so an oversized one is dropped before it is held whole.
+
+    Examples
+    --------
+    >>> from skcarrot.cli import uvicorn_limits
+    >>> from skcarrot.serve import Settings
+    >>> uvicorn_limits(Settings(db_url="sqlite://", max_header_bytes=8192))
+    {'http': 'h11', 'h11_max_incomplete_event_size': 16384}
+    """
+    return {"http": "h11", "h11_max_incomplete_event_size": int(settings.max_header_bytes) + 8192}
 
 
 def _keys(args, keys_parser) -> int:
@@ -166,12 +214,39 @@ def _keys(args, keys_parser) -> int:
                   "this once (the ledger keeps its hash): give it to its holder, who sets SKCARROT_API_KEY",
                   file=sys.stderr)
             return 0
-        for record in ledger.list_keys():
-            print(f"{record.name}\tbudget={record.budget}\tused={record.prompts_used}\timages={record.images_used}"
-                  f"\trate_limit={record.rate_limit}")
-        return 0
+        if args.keys_command == "list":
+            for record in ledger.list_keys():
+                state = "revoked" if record.revoked else "active"
+                print(f"{record.name}\t{state}\tbudget={record.budget}\tused={record.prompts_used}"
+                      f"\tremaining={record.remaining}\timages={record.images_used}\trate_limit={record.rate_limit}"
+                      f"\timage_bytes={record.image_bytes}")
+            return 0
+        return _change_key(args, ledger)
     finally:
         ledger.dispose()
+
+
+def _change_key(args, ledger) -> int:
+    """``keys revoke | rotate | set-budget | top-up``: one change to an existing key."""
+    command = f"skcarrot keys {args.keys_command}"
+    try:
+        if args.keys_command == "revoke":
+            ledger.revoke_key(args.name)
+            print(f"revoked key {args.name!r}: every charged request from now on is refused", file=sys.stderr)
+        elif args.keys_command == "rotate":
+            print(ledger.rotate_key(args.name))
+            print(f"new secret for key {args.name!r} (shown only this once); the old one no longer works",
+                  file=sys.stderr)
+        elif args.keys_command == "set-budget":
+            record = ledger.set_budget(args.name, args.budget)
+            print(f"key {args.name!r}: budget {record.budget}, {record.remaining} left", file=sys.stderr)
+        else:
+            record = ledger.top_up(args.name, args.queries)
+            print(f"key {args.name!r}: budget {record.budget}, {record.remaining} left", file=sys.stderr)
+    except (KeyError, ValueError) as exc:
+        print(f"{command}: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,9 @@ __all__ = ["WireFormatError", "decode_array", "encode_array", "image_content_id"
 #: Most items an array on the wire may hold.
 MAX_ARRAY_ITEMS = 50_000_000
 
+# Bytes of pixels hashed at a time by image_content_id.
+_HASH_BAND_BYTES = 1 << 22
+
 
 class WireFormatError(ValueError):
     """An array or image on the wire is malformed; ``field`` names the part at fault.
@@ -58,8 +61,14 @@ def image_content_id(image: Any) -> str:
     (True, 64)
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    digest = hashlib.sha256(f"skcarrot-rgb {rgb.size[0]}x{rgb.size[1]}\n".encode())
-    digest.update(rgb.tobytes())
+    width, height = rgb.size
+    digest = hashlib.sha256(f"skcarrot-rgb {width}x{height}\n".encode())
+    rows = max(1, _HASH_BAND_BYTES // (3 * max(1, width)))
+    if rows >= height:
+        digest.update(rgb.tobytes())
+    else:  # a large image is hashed a band of rows at a time, never copied whole
+        for top in range(0, height, rows):
+            digest.update(rgb.crop((0, top, width, min(height, top + rows))).tobytes())
     return digest.hexdigest()
 
 

@@ -49,12 +49,12 @@ def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None 
 class ThreadServer:
     """``app`` under uvicorn in a daemon thread of this process."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, log_level: str = "warning") -> None:
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=log_level, lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -70,9 +70,9 @@ class ThreadServer:
 
 
 @contextlib.contextmanager
-def thread_server(app):
+def thread_server(app, log_level: str = "warning"):
     """Run ``app`` under uvicorn in a daemon thread of this process; yield its base URL."""
-    live = ThreadServer(app).start()
+    live = ThreadServer(app, log_level).start()
     try:
         yield live.url
     finally:
@@ -82,11 +82,14 @@ def thread_server(app):
 class ServerProcess:
     """``skcarrot serve`` in a subprocess, which a test may SIGKILL and start again."""
 
-    def __init__(self, db_url: str, port: int | None = None, workers: int = 1, env: dict | None = None) -> None:
+    def __init__(
+        self, db_url: str, port: int | None = None, workers: int = 1, env: dict | None = None, tree: str | None = None
+    ) -> None:
         self.db_url = db_url
         self.port = port or free_port()
         self.workers = workers
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env or {})}
+        self.tree = str(tree or REPO)  # the source tree to run (another version, for a comparison)
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": self.tree, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -94,7 +97,7 @@ class ServerProcess:
         """Start the process without waiting for it (see :meth:`wait`)."""
         cmd = [sys.executable, "-m", "skcarrot", "serve", "--db", self.db_url, "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, env=self.env, cwd=str(REPO), start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=self.env, cwd=self.tree, start_new_session=True)
         return self
 
     def wait(self, timeout: float = 120.0) -> "ServerProcess":
@@ -127,6 +130,124 @@ class ServerProcess:
                 self.kill()
 
 
+# -- small pieces of requests ---------------------------------------------------------------
+
+N_CTX, DIM = 4, 64  # the embedded model's context shape
+
+
+def noise_image(seed: int = 0, size: int = 8):
+    """A random RGB image (PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def auth(key: str, **extra) -> dict:
+    """Headers of a request by ``key``."""
+    return {"Authorization": f"Bearer {key}", **extra}
+
+
+def offsets_array(p: int, value: float = 0.0, dtype: str = "float32") -> dict:
+    """``p`` prompt offsets of the embedded model, all ``value``, as an encoded array."""
+    import base64
+
+    import numpy as np
+
+    arr = np.full((p, N_CTX, DIM), value, dtype="<f4" if dtype == "float32" else "<f8")
+    return {"shape": list(arr.shape), "dtype": dtype, "data": base64.b64encode(arr.tobytes()).decode()}
+
+
+def upload(client, key: str, *images) -> list[str]:
+    """Upload PIL images with ``client`` (a TestClient or httpx client); their content ids."""
+    from skcarrot.wire import png_base64
+
+    r = client.post("/v1/images", json={"images": [png_base64(img) for img in images]}, headers=auth(key))
+    assert r.status_code == 200, r.text
+    return r.json()["ids"]
+
+
+# -- fuzzing from the schema -------------------------------------------------------------------
+
+
+def _with_real_images(case, ids, files):
+    """A valid case names the key's own images (and sends real image files), so it reaches the model."""
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    if isinstance(body.get("image_ids"), list):
+        body["image_ids"] = [ids[i % len(ids)] for i in range(len(body["image_ids"]))]
+    if isinstance(body.get("inputs"), str):
+        body["inputs"] = files[len(body["inputs"]) % len(files)]
+    if isinstance(body.get("images"), list):
+        body["images"] = [files[i % len(files)] for i in range(len(body["images"]))]
+
+
+def _semantic(response) -> bool:
+    """A 422 whose every reason is one no schema can state."""
+    from skcarrot.serve.openapi import SEMANTIC_REFUSALS
+
+    if response.status_code != 422:
+        return False
+    try:
+        detail = response.json()["detail"]
+    except (ValueError, KeyError):
+        return False
+    return isinstance(detail, list) and all(d.get("type") in SEMANTIC_REFUSALS for d in detail)
+
+
+def fuzz_every_operation(schema, headers: dict, ids: list, files: list, max_examples: int) -> dict:
+    """Run every schemathesis check on valid and invalid cases of every operation of ``schema``.
+
+    Valid cases name the key's own images (``ids``, uploaded from ``files``). A
+    valid request refused only for what no schema can state, or an invalid one
+    refused by its size (413, 431), is not a failure. Returns the statuses, the
+    failures (one line each) and how many valid requests were refused for such
+    a reason.
+    """
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+    from schemathesis.core.failures import AcceptedNegativeData, Failure, FailureGroup
+    from schemathesis.openapi.checks import RejectedPositiveData
+
+    report = {"operations": 0, "statuses": [], "failures": [], "semantic_refusals": 0}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        report["operations"] += 1
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def fuzz(case):
+                if mode is GenerationMode.POSITIVE:
+                    _with_real_images(case, ids, files)
+                response = case.call(headers=headers)
+                report["statuses"].append(response.status_code)
+                try:
+                    case.validate_response(response, headers=headers)
+                except (Failure, FailureGroup) as exc:
+                    for failure in getattr(exc, "exceptions", [exc]):
+                        if isinstance(failure, RejectedPositiveData) and _semantic(response):
+                            report["semantic_refusals"] += 1
+                            continue
+                        if isinstance(failure, AcceptedNegativeData) and response.status_code in (413, 431):
+                            continue  # refused by size, before the body is read: a refusal all the same
+                        report["failures"].append(
+                            f"{operation.label} [{mode.name}]: {type(failure).__name__}: {str(failure)[:300]} "
+                            f"-> {response.status_code} {response.text[:300]}"
+                        )
+
+            try:
+                fuzz()
+            except Unsatisfiable:
+                # no invalid request exists for an operation without inputs (GET /v1/health)
+                assert mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET"
+    return report
+
+
 def _pg_bin() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if found:
@@ -142,6 +263,26 @@ def postgres_cluster():
     PostgreSQL refuses to run as root, so when this process is root the
     cluster runs as the ``postgres`` user (through ``runuser``).
     """
+    with postgres_server() as server:
+        yield server.url
+
+
+class PostgresServer:
+    """A running throw-away PostgreSQL: its URL, and :meth:`stop` / :meth:`start` to take it away and back."""
+
+    def __init__(self, url: str, run, data: str, opts: str, log: str) -> None:
+        self.url, self._run, self._data, self._opts, self._log = url, run, data, opts, log
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", self._data, "-m", "immediate", "-w", "-t", "60", "stop")
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", self._data, "-o", self._opts, "-l", self._log, "-w", "-t", "60", "start")
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A fresh PostgreSQL cluster on a free 127.0.0.1 port; yields a :class:`PostgresServer`."""
     bindir = _pg_bin()
     if bindir is None:
         message = "PostgreSQL binaries not found (apt-get install postgresql)"
@@ -175,7 +316,8 @@ def postgres_cluster():
         run("pg_ctl", "-D", data, "-o", opts, "-l", os.path.join(tmp, "log"), "-w", "-t", "60", "start")
         started = True
         run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "ledger")
-        yield f"postgresql://postgres@127.0.0.1:{port}/ledger"
+        yield PostgresServer(f"postgresql://postgres@127.0.0.1:{port}/ledger", run, data, opts,
+                             os.path.join(tmp, "log"))
     finally:
         if started:
             run("pg_ctl", "-D", data, "-m", "immediate", "-w", "-t", "60", "stop", check=False)

@@ -255,14 +255,14 @@ def test_zero_shot_contract_returns_sorted_probabilities(served, key):
     assert _loc_of(r) == [("body", "parameters", "hypothesis_template")]
 
 
-def test_score_text_charges_one_query_per_prompt_set(served, key):
+def test_score_text_charges_one_query_per_string_scored(served, key):
     app, client, _ = served
     ids = _upload(client, key, _image(15), _image(16), _image(17))
     prompts = [["a photo of a one.", "a photo of a two."], ["a one.", "a two."]]
     r = client.post("/v1/score-text", json={"image_ids": ids, "prompts": prompts, "encoding": "json"},
                     headers=_auth(key))
     assert r.status_code == 200, r.text
-    assert np.asarray(r.json()["logits"]).shape == (2, 3, 2) and r.json()["queries"] == 2
+    assert np.asarray(r.json()["logits"]).shape == (2, 3, 2) and r.json()["queries"] == 4
     r = client.post("/v1/score-text", json={"image_ids": ids, "prompts": [["a", "b"], ["c"]]}, headers=_auth(key))
     assert r.status_code == 422 and _loc_of(r) == [("body", "prompts", 1)]
 

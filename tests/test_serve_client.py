@@ -75,12 +75,23 @@ def test_an_explicit_text_door_tunes_through_score_text_and_matches_the_fit_in_p
         raise AssertionError("the embedding door was used")
 
     monkeypatch.setattr(HTTPBackend, "logits", no_embedding_door)
+    strings_sent = []
+    text_scores = HTTPBackend.text_scores
+
+    def counting_text_scores(self, images, prompts):
+        strings_sent.append(sum(len(p) for p in prompts))
+        return text_scores(self, images, prompts)
+
+    monkeypatch.setattr(HTTPBackend, "text_scores", counting_text_scores)
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    params = dict(door="text", class_names=names, query_budget=30, popsize=4, random_state=0)
-    remote = CarrotClassifier(backend=HTTPBackend(url, api_key=key), **params).fit(Xtr, ytr)
+    params = dict(door="text", class_names=names, query_budget=30, popsize=4, prompt_tuning=True, random_state=0)
+    backend = HTTPBackend(url, api_key=key)
+    remote = CarrotClassifier(backend=backend, **params).fit(Xtr, ytr)
     local = CarrotClassifier(backend=embedded_backend(), **params).fit(Xtr, ytr)
     assert remote.door_ == "text" and remote.prompt_ == local.prompt_
-    assert remote.n_queries_ == local.n_queries_ == ledger.find_key("text-door").prompts_used
+    assert remote.n_queries_ == local.n_queries_
+    # the client counts prompt sets; the server bills each string scored, and says so
+    assert ledger.find_key("text-door").prompts_used == backend.n_billed_ == sum(strings_sent) > remote.n_queries_
     np.testing.assert_allclose(remote.predict_proba(Xte), local.predict_proba(Xte), rtol=1e-4, atol=1e-5)
 
 
@@ -262,4 +273,31 @@ def test_the_text_level_zero_shot_client_is_served_and_charged_per_call(live, mo
     logits = HTTPBackend(url).text_scores(images, prompts)  # the same model, many images per request
     expected = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
-    assert ledger.find_key("zero-shot-door").prompts_used == 2 * 3 + 2  # one per call, then one per prompt set
+    # one per zero-shot call (an image and a prompt set), then one per string scored
+    assert ledger.find_key("zero-shot-door").prompts_used == 2 * 3 + 2 * 2
+
+
+def test_a_fit_resumed_from_its_checkpoint_is_charged_once_for_what_it_repeats(live, digits, tmp_path, monkeypatch):
+    from skcarrot.exceptions import RemoteUnavailableError
+
+    url, ledger, _ = live
+    Xtr, ytr, _, _ = digits
+    key = _key(ledger, "resumed-fit")
+    params = {**FAST, "checkpoint": str(tmp_path / "fit.ckpt"), "checkpoint_every": 3}
+    charged = HTTPBackend._charged
+    sent = {"n": 0}
+
+    def server_goes_away(self, path, payload, idempotency_key):
+        sent["n"] += 1
+        if sent["n"] == 11:  # a refiner request, after this generation's prompts were charged
+            raise RemoteUnavailableError("the server went away")
+        return charged(self, path, payload, idempotency_key)
+
+    monkeypatch.setattr(HTTPBackend, "_charged", server_goes_away)
+    with pytest.raises(RemoteUnavailableError):
+        CarrotClassifier(backend=HTTPBackend(url, api_key=key), **params).fit(Xtr, ytr)
+    monkeypatch.setattr(HTTPBackend, "_charged", charged)
+    resumed = CarrotClassifier(backend=HTTPBackend(url, api_key=key), **params).fit(Xtr, ytr)
+    local = CarrotClassifier(backend=embedded_backend(), **FAST).fit(Xtr, ytr)
+    assert resumed.n_queries_ == local.n_queries_
+    assert ledger.find_key("resumed-fit").prompts_used == resumed.n_queries_  # the repeated ones, once

@@ -8,7 +8,7 @@ from helpers import FAST
 
 pytest.importorskip("fastapi")
 pytest.importorskip("psycopg")
-from servekit import ServerProcess, postgres_cluster  # noqa: E402
+from servekit import ServerProcess, auth, noise_image, offsets_array, postgres_cluster, postgres_server  # noqa: E402
 
 from skcarrot import CarrotClassifier, HTTPBackend, QueryBudgetExceededError  # noqa: E402
 from skcarrot.serve.ledger import BudgetExceeded, Ledger  # noqa: E402
@@ -99,3 +99,33 @@ def test_eight_tuners_on_two_server_processes_share_one_ledger_exactly(pg_url, l
         assert results[i] is not None and ledger.find_key(name).prompts_used == results[i] == answered[i]
     assert ledger.find_key("pg-shared").prompts_used == sum(answered[5:]) <= 130
     assert None in results[5:]
+
+
+def test_a_database_that_goes_away_is_503_nothing_charged_and_the_client_waits_for_it(digits):
+    import threading
+
+    import httpx
+    import numpy as np
+    from servekit import thread_server
+
+    from skcarrot.serve import Settings, create_app
+
+    with postgres_server() as pg:
+        app = create_app(Settings(db_url=pg.url))
+        ledger = app.state.server.ledger
+        _, key = ledger.create_key("outage", budget=100)
+        images = [noise_image(1)]
+        with thread_server(app) as url:
+            backend = HTTPBackend(url, api_key=key, max_retries=8, backoff=0.2)
+            backend.logits(images, ["a", "b"], np.zeros((2, 4, 64), np.float32))
+            pg.stop()
+            body = {"image_ids": backend._content_ids(images), "class_names": ["a", "b"], "offsets": offsets_array(1)}
+            r = httpx.post(f"{url}/v1/score", headers=auth(key), json=body, timeout=60)
+            assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
+            restart = threading.Timer(1.0, pg.start)
+            restart.start()
+            out = backend.logits(images, ["a", "b"], np.zeros((3, 4, 64), np.float32))  # waits through it
+            restart.join()
+        assert out.shape == (3, 1, 2)
+        assert ledger.find_key("outage").prompts_used == 5
+        ledger.dispose()

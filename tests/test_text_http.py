@@ -194,7 +194,7 @@ def test_carrot_classifier_fits_end_to_end_through_the_endpoint(digits, monkeypa
         door = ZeroShotHTTPBackend(server.url, max_concurrency=8, max_labels=6)
         clf = CarrotClassifier(backend=door, class_names=list(DIGIT_WORDS[:3]), query_budget=16, popsize=4,
                                vocabulary=["circle", "stick", "swan", "snake", "egg", "hook"], random_state=0,
-                               early_stopping=False)
+                               early_stopping=False, prompt_tuning=True)
         clf.fit(train, y_train)
         fit_calls = server.calls
         proba = clf.predict_proba(train)
@@ -202,7 +202,7 @@ def test_carrot_classifier_fits_end_to_end_through_the_endpoint(digits, monkeypa
     # screening: 6 words in chunks of 3 next to the 3 classes' own prompts = 2 queries
     assert clf.n_queries_by_purpose_["screen"] == 2
     # one image and one prompt set per call: fit calls = sum over queries of the images each scored
-    per_query = {"screen": len(train), "prompt": len(train), "refiner": len(train), "validation": 0}
+    per_query = {"screen": len(train), "prompt": len(train), "refiner": len(train), "validation": 0, "pilot": 0}
     assert fit_calls == sum(n * per_query[k] for k, n in clf.n_queries_by_purpose_.items())
     assert server.calls == fit_calls + len(train)  # predict: one prompt set, one call per image
     assert proba.shape == (len(train), 3) and np.allclose(proba.sum(1), 1.0)

@@ -7,7 +7,7 @@ callbacks (:class:`Progress`, :class:`Checkpointer`), and reads the result.
 """
 
 from .callbacks import Checkpointer, Progress
-from .checkpoint import fit_fingerprint, read_checkpoint
+from .checkpoint import fit_fingerprint, read_checkpoint, requests_named_by
 from .early_stopping import EarlyStopping, Snapshot, stratified_holdout
 from .loop import CollaborativeLoop, plan_generations, run_generations
 from .selection import Selection, start_fit
@@ -16,6 +16,6 @@ from .views import FreshViews, ViewPool
 
 __all__ = [
     "Checkpointer", "CollaborativeLoop", "EarlyStopping", "FitSettings", "FreshViews", "PreviousFit", "Progress",
-    "RunState", "Selection", "Snapshot", "ViewPool", "build_run", "fit_fingerprint", "plan_generations", "read_checkpoint",
-    "run_generations", "start_fit", "stratified_holdout",
+    "RunState", "Selection", "Snapshot", "ViewPool", "build_run", "fit_fingerprint", "plan_generations",
+    "read_checkpoint", "requests_named_by", "run_generations", "start_fit", "stratified_holdout",
 ]

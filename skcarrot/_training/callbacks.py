@@ -17,11 +17,16 @@ logger = logging.getLogger("skcarrot")
 class Progress:
     """A progress bar over the queries (over the epochs without prompt search), and one line per generation.
 
-    ``verbose=1`` shows the bar, ``verbose=2`` also prints each generation's
-    line; every line goes to the ``skcarrot`` logger at DEBUG either way.
+    ``verbose=1`` shows the bar (and what ``prompt_tuning="auto"`` chose), ``verbose=2``
+    also prints each generation's line; every line goes to the ``skcarrot`` logger at
+    DEBUG either way.
     """
 
-    def __init__(self, loop: Any, run: Any, *, verbose: int, by_query: bool, patience: int | None) -> None:
+    def __init__(self, loop: Any, run: Any, *, verbose: int, by_query: bool, patience: int | None,
+                 selection: Any = None) -> None:
+        if selection is not None and verbose:
+            print(f"prompt_tuning='auto' chose {selection.choice} ({selection.reason}); "
+                  f"{loop.counter.n_queries} queries spent so far")
         self.verbose = verbose
         self.by_query = by_query
         self.patience = patience

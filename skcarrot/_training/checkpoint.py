@@ -9,6 +9,7 @@ stopped. It is a pickle: load only checkpoints you wrote.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fingerprint", "fit_fingerprint", "read_checkpoint", "write_checkpoint"]
+__all__ = ["fingerprint", "fit_fingerprint", "read_checkpoint", "requests_named_by", "write_checkpoint"]
 
 _FORMAT = 2
 # Parameters that do not change a fit's trajectory: where it runs, what it prints, where it saves.
@@ -52,6 +53,20 @@ def fit_fingerprint(images, y: np.ndarray, params: dict, classes: np.ndarray, wa
     params["warm_from"] = warm_from
     params["classes"] = np.asarray(classes).tolist()
     return fingerprint(images, y, params)
+
+
+def requests_named_by(backend: Any, run_id: str | None, counter: Any):
+    """Name a checkpointed fit's requests by the fit and their position in it, where the backend can.
+
+    A backend with ``idempotency_scope`` (``HTTPBackend``) then keys each request by the fit's
+    fingerprint and the queries spent before it: a resumed fit repeats the keys of the requests
+    it repeats, which the server answers from its ledger and charges once. Without a checkpoint
+    (``run_id`` None) or such a backend, nothing changes.
+    """
+    scope = getattr(backend, "idempotency_scope", None)
+    if scope is None or run_id is None:
+        return contextlib.nullcontext()
+    return scope(f"fit-{run_id}", position=lambda: counter.n_queries)
 
 
 def _describe(value: Any) -> str:

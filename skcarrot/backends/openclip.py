@@ -189,6 +189,12 @@ class _LoadedBox:
         """Text features ``(P, C, E)`` of every class under every prompt offset."""
         return self.text_features(tokens, offsets)
 
+    def _end_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Position of each sequence's pooled (end of text) token."""
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        return (tokens == self.eos_id).int().argmax(dim=-1)
+
     def text_features(self, tokens: torch.Tensor, offsets: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
         """As :meth:`encode_prompts`, differentiable in ``offsets`` outside inference mode.
 
@@ -197,10 +203,7 @@ class _LoadedBox:
         encoded once per prompt offset and shared by every class (also exact).
         """
         tower = self.tower
-        if self.pool_type == "argmax":
-            end = tokens.argmax(dim=-1)
-        else:
-            end = (tokens == self.eos_id).int().argmax(dim=-1)
+        end = self._end_positions(tokens)
         length = int(end.max()) + 1  # exact: causal attention never looks past the end token
         tokens = tokens[:, :length]
         cast = tower.transformer.get_cast_dtype() if hasattr(tower.transformer, "get_cast_dtype") else torch.float32
@@ -263,12 +266,27 @@ class _LoadedBox:
             cache.popitem(last=False)
         return torch.stack([cache[s] for s in strings])
 
-    @contextlib.contextmanager
-    def _scoring(self, n_sequences: int):
-        """One scoring call: the lock, inference mode, a thread count sized to the text encoding, autocast."""
-        width = self.dim
+    def _text_flops(self, n_rows: int) -> float:
+        """Operations of the text encoding for ``n_rows`` token rows: ``24 width^2`` per row and block."""
         layers = len(getattr(self.tower.transformer, "resblocks", [None]))
-        flops = 24.0 * n_sequences * 16 * width * width * layers
+        return 24.0 * n_rows * self.dim * self.dim * layers
+
+    def _prompt_rows(self, tokens: torch.Tensor, n_prompts: int) -> int:
+        """Token rows :meth:`text_features` encodes for ``n_prompts`` offsets (cut length, shared prefix)."""
+        n_classes, length = tokens.shape[0], int(self._end_positions(tokens).max()) + 1
+        n_prefix = 1 + self.n_ctx
+        if self.share_prefix and n_classes > 1 and length > n_prefix:
+            return n_prompts * (n_prefix + n_classes * (length - n_prefix))
+        return n_prompts * n_classes * length
+
+    @contextlib.contextmanager
+    def _scoring(self, flops: float):
+        """One scoring call: the lock, inference mode, a thread count sized to the text encoding, autocast.
+
+        A call below :data:`skcarrot._threads.SMALL_WORK_FLOPS` (e.g. a 40-prompt generation of
+        the embedded model, about 0.3 GFLOP in ops of well under a millisecond) runs on one
+        thread; bigger ones (e.g. RN50's text tower) on torch's count as it is.
+        """
         threads = threads_for(flops) if self.device.type == "cpu" else None
         with self.lock, torch.inference_mode(), torch_threads(threads), self._autocast():
             yield
@@ -283,17 +301,19 @@ class _LoadedBox:
         return out.cpu().numpy().astype(np.float64)
 
     def logits(self, images: Sequence[Any], class_names: Sequence[str], offsets: np.ndarray) -> np.ndarray:
-        with self._scoring(len(offsets) * len(class_names)):
+        tokens = self.tokens_for(class_names)
+        rows = self._prompt_rows(tokens, len(offsets)) if self.device.type == "cpu" else 0
+        with self._scoring(self._text_flops(rows)):
             img = self.encode_images(images)  # (N, E)
             txt = self.encode_prompts(
-                self.tokens_for(class_names), torch.as_tensor(np.asarray(offsets, dtype=np.float32), device=self.device)
+                tokens, torch.as_tensor(np.asarray(offsets, dtype=np.float32), device=self.device)
             )  # (P, C, E)
             return self._scaled(lambda scale: scale * torch.einsum("ne,pce->pnc", img.float(), txt.float()))
 
     def text_scores(self, images: Sequence[Any], sets: Sequence[Sequence[str]]) -> np.ndarray:
         strings = list(dict.fromkeys(s for prompt_set in sets for s in prompt_set))
         column = {s: i for i, s in enumerate(strings)}
-        with self._scoring(len(strings)):
+        with self._scoring(self._text_flops(16 * len(strings))):  # about 16 tokens per prompt string
             image_features = self.encode_images(images)  # (N, E)
             text_features = self.encode_strings(strings)  # (S, E)
             logits = self._scaled(lambda scale: scale * image_features.float() @ text_features.float().T)  # (N, S)

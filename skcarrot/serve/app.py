@@ -13,30 +13,67 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .config import Settings, settings_from_env
-from .db import Database
-from .deps import Server
-from .errors import ApiError
+from .db import UNAVAILABLE, Database
+from .deps import KeySlots, Server
+from .errors import ApiError, invalid, retry_after_header
 from .image_store import ImageStore
 from .ledger import Ledger
-from .limits import BodyLimitMiddleware
+from .limits import BodyLimitMiddleware, HeaderLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
+from .openapi import openapi_schema
 from .routers import account, images, ops, scoring, zero_shot
 from .scorer import Scorer
 from .validation import open_image
 
-__all__ = ["create_app", "app_from_env"]
+__all__ = ["create_app", "app_from_env", "QueryStringRedactor"]
 
 logger = logging.getLogger("skcarrot.serve")
+
+# How long a client should wait before retrying when the ledger's database is unavailable.
+_UNAVAILABLE_RETRY_S = 2
+
+
+class QueryStringRedactor(logging.Filter):
+    """Drop query strings from uvicorn's access log lines: a key put in a URL is never written down.
+
+    The API reads nothing from query strings, so nothing of use is lost.
+
+    Examples
+    --------
+    >>> import logging
+    >>> from skcarrot.serve.app import QueryStringRedactor
+    >>> record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+    ...                            ("127.0.0.1:1", "GET", "/v1/info?api_key=skc_secret", "1.1", 401), None)
+    >>> QueryStringRedactor().filter(record), record.getMessage()
+    (True, '127.0.0.1:1 - "GET /v1/info?<redacted> HTTP/1.1" 401')
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                arg.split("?", 1)[0] + "?<redacted>" if isinstance(arg, str) and "?" in arg else arg
+                for arg in record.args
+            )
+        elif isinstance(record.msg, str) and "?" in record.msg and not record.args:
+            record.msg = record.msg.split("?", 1)[0] + "?<redacted>"
+        return True
+
+
+def _redact_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QueryStringRedactor) for f in access.filters):
+        access.addFilter(QueryStringRedactor())
 
 _DESCRIPTION = """
 A black-box vision-language model behind a metered API, for
 [skcarrot](https://pypi.org/project/skcarrot/)'s `HTTPBackend`.
 
 Upload images once (`POST /v1/images`), then score them by content id under prompt offsets
-(`POST /v1/score`) or full prompt strings (`POST /v1/score-text`). Every prompt scored is one
-query, charged against the key's budget before the model runs. Send the key as
-`Authorization: Bearer <key>`, and an `Idempotency-Key` with every charged request: a retry is
-answered from the ledger and charged once.
+(`POST /v1/score`, one query per offset) or full prompt strings (`POST /v1/score-text`, one query
+per string), charged against the key's budget before the model runs; the zero-shot contract costs
+one query per call. Send the key as `Authorization: Bearer <key>`, and an `Idempotency-Key` with
+every charged request: a retry is answered from the ledger and charged once. Name the answers you
+received in the `Idempotency-Ack` header of a later request, so the server can drop them.
 """
 
 
@@ -72,17 +109,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     True
     """
     settings = Settings() if settings is None else settings
-    db = Database(settings.db_url)
+    s = settings
+    db = Database(s.db_url)
     metrics = Metrics()
-    max_pixels = settings.max_image_pixels
+    max_pixels = s.max_image_pixels
     server = Server(
-        settings=settings,
+        settings=s,
         db=db,
-        ledger=Ledger(db, settings.rate_window_s, settings.idempotency_ttl_s),
-        images=ImageStore(db, lambda raw: open_image(raw, max_pixels), settings.image_cache_size),
-        scorer=Scorer.from_settings(settings),
+        ledger=Ledger(db, s.rate_window_s, s.idempotency_ttl_s, s.answer_ttl_s, s.max_answer_bytes_per_key),
+        images=ImageStore(
+            db,
+            lambda raw: open_image(raw, max_pixels),
+            cache_bytes=s.image_cache_bytes,
+            cache_bytes_per_key=s.image_cache_bytes_per_key,
+            ttl_s=s.image_ttl_s,
+            max_bytes_per_key=s.max_image_bytes_per_key,
+            max_bytes_total=s.max_image_bytes_total,
+        ),
+        scorer=Scorer.from_settings(s),
         metrics=metrics,
+        slots=KeySlots(s.max_concurrent_per_key),
     )
+    _redact_access_log()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -110,7 +158,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # a body FastAPI could not even read as text (not UTF-8): invalid JSON, like any other
+            refusal = invalid(("body",), "the body is not JSON in UTF-8", "json_invalid")
+            return JSONResponse(refusal.body(), status_code=422)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("ledger database unavailable on %s %s: %s", request.method, request.url.path,
+                     type(exc).__name__)
+        metrics.refusals.labels("unavailable").inc()
+        return JSONResponse(
+            {"detail": "the ledger's database is unavailable (unreachable or full); nothing was charged, "
+                       "retry later", "retry_after": _UNAVAILABLE_RETRY_S},
+            status_code=503,
+            headers=retry_after_header(_UNAVAILABLE_RETRY_S),
+        )
+
+    for kind in UNAVAILABLE:
+        app.add_exception_handler(kind, _unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -119,8 +185,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in (images.router, scoring.router, zero_shot.router, account.router, ops.router):
         app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=s.max_body_bytes)
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=s.max_header_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_schema(fastapi_openapi(), s, server.scorer.context_shape)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

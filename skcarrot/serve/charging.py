@@ -1,9 +1,11 @@
 """The charged endpoint, written once: validate, charge, score, refund on failure, answer.
 
 The key is authenticated by its dependency; then :meth:`ChargedRequest.run`
-checks the request (``prepare``), charges its queries with replay protection,
-runs the model, refunds the charge if the model fails, and answers (storing the
-answer for retries of its ``Idempotency-Key``).
+waits for one of the key's slots, checks the request (``prepare``), charges its
+queries with replay protection (and checks, in that same transaction, that the
+key was neither revoked nor rotated), runs the model, refunds the charge if the
+model fails, and answers (storing the answer for retries of its
+``Idempotency-Key`` until the client acknowledges it).
 """
 
 from __future__ import annotations
@@ -18,37 +20,47 @@ from fastapi import Depends, Request, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from .deps import CurrentKey, IdempotencyKey, Server, ServerDep
+from .deps import Acknowledged, CallerDigest, CurrentKey, IdempotencyKey, Server, ServerDep
 from .errors import ApiError, invalid, retry_after_header
 from .idempotency import IdempotencyConflict, fingerprint
-from .ledger import BudgetExceeded, KeyRecord, RateLimited
+from .ledger import BudgetExceeded, KeyRecord, KeyRevoked, RateLimited
 from .schemas import ErrorResponse
+from .scorer import ModelOutputError
 
-__all__ = ["Job", "ChargedRequest", "ChargedRequestDep", "CHARGED_ERRORS"]
+__all__ = ["Job", "ChargedRequest", "ChargedRequestDep", "CHARGED_ERRORS", "revoked_error"]
 
 logger = logging.getLogger("skcarrot.serve")
 
 #: The refusals every charged endpoint documents.
 CHARGED_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or unknown key"},
+    401: {"model": ErrorResponse, "description": "Missing, unknown, revoked or rotated key"},
     402: {"model": ErrorResponse, "description": "Query budget exhausted; the body gives `remaining`"},
     413: {"model": ErrorResponse, "description": "Body too large"},
     422: {"model": ErrorResponse, "description": "Invalid request; `loc` names the field"},
-    429: {"model": ErrorResponse, "description": "Rate limited; see Retry-After"},
+    429: {"model": ErrorResponse, "description": "Rate limited, or too many requests of this key at once; "
+          "see Retry-After"},
 }
+
+
+def revoked_error() -> ApiError:
+    """The 401 of a key revoked or rotated since the request authenticated."""
+    return ApiError(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
 
 
 @dataclass(frozen=True)
 class Job:
     """A checked request: what it costs and how to answer it.
 
-    ``compute(remaining)`` runs the model and returns the JSON answer;
-    ``remaining`` is the key's budget after this charge.
+    ``n_prompts`` is what the request is billed (queries, in the unit of its
+    endpoint); ``compute(remaining)`` runs the model and returns the JSON
+    answer, ``remaining`` being the key's budget after this charge; ``loc``
+    names the field a refusal of the model's answer points at.
     """
 
     n_prompts: int
     n_images: int
     compute: Callable[[int], Any]
+    loc: tuple = ("body",)
 
 
 def _refusal(exc: Exception) -> tuple[str, ApiError]:
@@ -62,6 +74,8 @@ def _refusal(exc: Exception) -> tuple[str, ApiError]:
             budget=exc.budget,
             requested=exc.requested,
         )
+    if isinstance(exc, KeyRevoked):
+        return "revoked", revoked_error()
     if isinstance(exc, RateLimited):
         return "rate", ApiError(
             429,
@@ -78,16 +92,19 @@ def _refusal(exc: Exception) -> tuple[str, ApiError]:
 
 @dataclass(frozen=True)
 class ChargedRequest:
-    """One charged request: its server, its key, its ``Idempotency-Key`` and fingerprint."""
+    """One charged request: its server, key, ``Idempotency-Key``, fingerprint, and the answers it acknowledges."""
 
     server: Server
     key: KeyRecord
     idempotency_key: str | None
     fingerprint: str
+    key_hash: str | None = None
+    acknowledged: tuple[str, ...] = ()
 
     async def run(self, prepare: Callable[[], Job]) -> Response:
-        """Check the request with ``prepare()`` (422s), then charge and answer it (in the thread pool)."""
-        return await run_in_threadpool(lambda: self.answer(prepare()))
+        """In one of the key's slots: check the request with ``prepare()`` (422s), then charge and answer it."""
+        async with self.server.slots.hold(self.key.id):
+            return await run_in_threadpool(lambda: self.answer(prepare()))
 
     def answer(self, job: Job) -> Response:
         """Charge ``job.n_prompts`` queries, run ``job.compute(remaining)``, store and return its JSON.
@@ -111,8 +128,9 @@ class ChargedRequest:
                 "value_error.over_rate_limit",
             )
         try:
-            charge = ledger.begin_charge(key.id, n_prompts, n_images, idem, self.fingerprint)
-        except (BudgetExceeded, RateLimited, IdempotencyConflict) as exc:
+            charge = ledger.begin_charge(key.id, n_prompts, n_images, idem, self.fingerprint,
+                                         key_hash=self.key_hash, acknowledged=self.acknowledged)
+        except (KeyRevoked, BudgetExceeded, RateLimited, IdempotencyConflict) as exc:
             reason, error = _refusal(exc)
             metrics.refusals.labels(reason).inc()
             raise error from None
@@ -126,10 +144,19 @@ class ChargedRequest:
         except ApiError:
             self._refund(charge.kind, job)
             raise
-        except Exception:
+        except ModelOutputError as exc:
+            # the same request would fail the same way: refused, not worth a retry
             self._refund(charge.kind, job)
+            metrics.refusals.labels("model_output").inc()
+            raise invalid(job.loc, f"{exc}; nothing was charged", "value_error.model_output") from None
+        except Exception as exc:
+            self._refund(charge.kind, job)
+            if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+                logger.warning("key %d: out of memory on a charged request (refunded)", key.id)
+                raise ApiError(503, "the server is out of memory for now; nothing was charged, retry later",
+                               headers=retry_after_header(5)) from None
             logger.exception("key %d: the model failed on a charged request (refunded)", key.id)
-            raise ApiError(500, "the model failed on this request; nothing was charged") from None
+            raise ApiError(500, "the model failed on this request; nothing was charged", retryable=False) from None
         except BaseException:  # cancelled, interrupted: the model never answered
             self._refund(charge.kind, job)
             raise
@@ -149,10 +176,16 @@ class ChargedRequest:
 
 
 async def charged_request(
-    request: Request, server: ServerDep, key: CurrentKey, idem: IdempotencyKey
+    request: Request,
+    server: ServerDep,
+    key: CurrentKey,
+    digest: CallerDigest,
+    idem: IdempotencyKey,
+    acks: Acknowledged,
 ) -> ChargedRequest:
-    """The calling key (401 without one) and the request's ``Idempotency-Key`` and fingerprint."""
-    return ChargedRequest(server, key, idem, fingerprint(request.url.path, await request.body()))
+    """The calling key (401 without one), the request's ``Idempotency-Key``, fingerprint and acknowledgements."""
+    body = fingerprint(request.url.path, await request.body())
+    return ChargedRequest(server, key, idem, body, digest, tuple(acks))
 
 
 ChargedRequestDep = Annotated[ChargedRequest, Depends(charged_request)]

@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "Settings",
+    "LIMIT_FIELDS",
     "DEFAULT_DB_URL",
     "DEFAULT_TEMPLATE",
     "db_url_from_env",
@@ -79,12 +80,20 @@ class Settings:
         text-level endpoints.
     max_body_bytes : int, default=32 MiB
         Largest request body accepted (413 above).
+    max_header_bytes : int, default=16 KiB
+        Largest request head (all header names and values together); 431 above.
     max_images_per_request : int, default=4096
         Most images uploaded or scored in one request.
     max_prompts_per_request : int, default=256
         Most prompts (queries) in one scoring request.
     max_classes : int, default=1000
         Most class names in one scoring request.
+    max_logits_per_request : int, default=4194304
+        Most logits one scoring request may ask for: prompts x images x classes
+        (``P x N x C``); a larger request is refused (422) before anything is charged.
+    max_offset_abs : float, default=1e4
+        Largest absolute value of a prompt offset; larger (finite) values only
+        make the model overflow, and are refused (422).
     max_image_pixels : int, default=4096 * 4096
         Largest image accepted, in pixels; a larger one is refused as a
         decompression bomb before it is decoded.
@@ -92,10 +101,34 @@ class Settings:
         Longest class name or prompt string.
     rate_window_s : float, default=60.0
         Window of the per-key rate limits (queries per window).
+    max_concurrent_per_key : int, default=4
+        Requests of one key (uploads and charged requests) run at once in one
+        server process; more wait their turn, and past ``4 x`` that many waiting
+        are refused (429).
     idempotency_ttl_s : float, default=7 days
-        How long a stored response answers retries of its ``Idempotency-Key``.
-    image_cache_size : int, default=20000
-        Decoded images kept in memory (the rest are read back from the ledger).
+        How long a charged request's ``Idempotency-Key`` is remembered: a retry
+        within it is never charged again.
+    answer_ttl_s : float, default=1 hour
+        How long an answer not yet acknowledged is stored to replay, byte for
+        byte, to a retry of its ``Idempotency-Key``.
+    max_answer_bytes_per_key : int, default=32 MiB
+        Most bytes of stored answers per key; the oldest are dropped first, and
+        an answer larger than a quarter of it is not stored. A retry of a
+        request whose answer was dropped (acknowledged, expired, over this cap
+        or too large) is scored again, free.
+    image_ttl_s : float, default=7 days
+        How long an uploaded image is kept (from its upload).
+    max_image_bytes_per_key : int, default=256 MiB
+        Most bytes of stored images per key (images are stored as the model
+        reads them: reduced to its input size when they are larger); an upload
+        past it is refused (422).
+    max_image_bytes_total : int, default=4 GiB
+        Most bytes of stored images, all keys together (507 past it).
+    image_cache_bytes : int, default=256 MiB
+        Decoded images kept in memory, in bytes, all keys together (the rest
+        are read back from the ledger).
+    image_cache_bytes_per_key : int, default=64 MiB
+        Of which one key may hold at most this many.
     """
 
     db_url: str = field(default_factory=db_url_from_env)
@@ -105,14 +138,30 @@ class Settings:
     device: str = "auto"
     backend: Any = None
     max_body_bytes: int = 32 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
     max_images_per_request: int = 4096
     max_prompts_per_request: int = 256
     max_classes: int = 1000
+    max_logits_per_request: int = 4 * 1024 * 1024
+    max_offset_abs: float = 1e4
     max_image_pixels: int = 4096 * 4096
     max_class_name_chars: int = 200
     rate_window_s: float = 60.0
+    max_concurrent_per_key: int = 4
     idempotency_ttl_s: float = 7 * 24 * 3600.0
-    image_cache_size: int = 20_000
+    answer_ttl_s: float = 3600.0
+    max_answer_bytes_per_key: int = 32 * 1024 * 1024
+    image_ttl_s: float = 7 * 24 * 3600.0
+    max_image_bytes_per_key: int = 256 * 1024 * 1024
+    max_image_bytes_total: int = 4 * 1024 * 1024 * 1024
+    image_cache_bytes: int = 256 * 1024 * 1024
+    image_cache_bytes_per_key: int = 64 * 1024 * 1024
+
+
+#: The Settings limits a worker reads from ``SKCARROT_<NAME>`` (e.g. ``SKCARROT_MAX_BODY_BYTES``).
+LIMIT_FIELDS = tuple(
+    name for name, kind in Settings.__annotations__.items() if kind in ("int", "float")
+)
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
@@ -120,7 +169,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
 
     ``SKCARROT_DB``, ``SKCARROT_MODEL``, ``SKCARROT_PRETRAINED``, ``SKCARROT_TEMPLATE``,
     ``SKCARROT_DEVICE``, ``SKCARROT_MAX_BODY_BYTES``, ``SKCARROT_RATE_WINDOW_S``; the
-    rest are :class:`Settings` defaults.
+    rest are :class:`Settings` defaults. Every numeric limit is read from
+    ``SKCARROT_<NAME>`` too (:data:`LIMIT_FIELDS`, e.g. ``SKCARROT_MAX_IMAGE_BYTES_PER_KEY``).
 
     Examples
     --------
@@ -137,10 +187,11 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         template=env.get("SKCARROT_TEMPLATE", DEFAULT_TEMPLATE),
         device=env.get("SKCARROT_DEVICE", "auto"),
     )
-    if env.get("SKCARROT_MAX_BODY_BYTES"):
-        settings.max_body_bytes = int(env["SKCARROT_MAX_BODY_BYTES"])
-    if env.get("SKCARROT_RATE_WINDOW_S"):
-        settings.rate_window_s = float(env["SKCARROT_RATE_WINDOW_S"])
+    for name in LIMIT_FIELDS:
+        value = env.get(f"SKCARROT_{name.upper()}")
+        if value:
+            kind = int if Settings.__annotations__[name] == "int" else float
+            setattr(settings, name, kind(float(value)) if kind is int else kind(value))
     return settings
 
 

@@ -13,9 +13,9 @@ import time
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 
-__all__ = ["Database", "normalize_db_url", "keys_table", "requests_table", "images_table"]
+__all__ = ["Database", "normalize_db_url", "keys_table", "requests_table", "images_table", "UNAVAILABLE"]
 
 logger = logging.getLogger("skcarrot.serve")
 
@@ -37,6 +37,8 @@ keys_table = sa.Table(
     sa.Column("window_used", sa.BigInteger, nullable=False, default=0),
     sa.Column("revoked", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # bytes of the key's stored images, kept with every insert and delete (its quota)
+    sa.Column("image_bytes", sa.BigInteger, nullable=False, default=0, server_default="0"),
 )
 
 requests_table = sa.Table(
@@ -50,6 +52,17 @@ requests_table = sa.Table(
     sa.Column("n_images", sa.BigInteger, nullable=False),
     sa.Column("response", sa.LargeBinary, nullable=True),  # the JSON body, as sent
     sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("response_bytes", sa.BigInteger, nullable=True),  # len(response) while it is stored
+)
+
+# The rows that still hold an answer, per key and age: few (answers are dropped once
+# acknowledged), so capping and pruning them never scans the whole table.
+answers_index = sa.Index(
+    "ix_skcarrot_requests_answers",
+    requests_table.c.key_id,
+    requests_table.c.created_at,
+    sqlite_where=requests_table.c.response.isnot(None),
+    postgresql_where=requests_table.c.response.isnot(None),
 )
 
 images_table = sa.Table(
@@ -57,9 +70,21 @@ images_table = sa.Table(
     metadata,
     sa.Column("key_id", sa.Integer, sa.ForeignKey("skcarrot_keys.id"), primary_key=True),
     sa.Column("image_id", sa.String(64), primary_key=True),
-    sa.Column("png", sa.LargeBinary, nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("png", sa.LargeBinary, nullable=False),  # the image file as stored (see ImageStore)
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("nbytes", sa.BigInteger, nullable=False, default=0, server_default="0"),
 )
+
+# Columns added since the first release, with what fills them in an existing ledger.
+_ADDED_COLUMNS = {
+    "skcarrot_keys": {"image_bytes": "BIGINT NOT NULL DEFAULT 0"},
+    "skcarrot_requests": {"response_bytes": "BIGINT"},
+    "skcarrot_images": {"nbytes": "BIGINT NOT NULL DEFAULT 0"},
+}
+
+
+#: Errors that mean the database is unreachable or out of space (not a bug): answered 503.
+UNAVAILABLE = (OperationalError, InterfaceError, sa.exc.TimeoutError)
 
 
 def normalize_db_url(url: str) -> str:
@@ -140,15 +165,46 @@ class Database:
 
     def _create_tables(self) -> None:
         # Several server processes may start at once on one PostgreSQL: whoever loses the
-        # race to CREATE TABLE simply finds the tables there on the next try.
+        # race to CREATE TABLE (or to a migration) simply finds it done on the next try.
         for attempt in range(5):
             try:
                 metadata.create_all(self.engine, checkfirst=True)
+                self._migrate()
                 return
             except (IntegrityError, ProgrammingError, OperationalError):
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+    def _migrate(self) -> None:
+        """Bring a ledger written by an earlier version up to date: added columns and indexes."""
+        inspector = sa.inspect(self.engine)
+        added = []
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {c["name"] for c in inspector.get_columns(table)}
+            added += [(table, name, ddl) for name, ddl in columns.items() if name not in present]
+        if added:
+            names = {name for _, name, _ in added}
+            with self.begin() as conn:
+                for table, name, ddl in added:
+                    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
+                if "nbytes" in names:
+                    conn.exec_driver_sql("UPDATE skcarrot_images SET nbytes = LENGTH(png)")
+                if "image_bytes" in names or "nbytes" in names:
+                    conn.exec_driver_sql(
+                        "UPDATE skcarrot_keys SET image_bytes = COALESCE((SELECT SUM(i.nbytes) FROM skcarrot_images i "
+                        "WHERE i.key_id = skcarrot_keys.id), 0)"
+                    )
+                if "response_bytes" in names:
+                    conn.exec_driver_sql(
+                        "UPDATE skcarrot_requests SET response_bytes = LENGTH(response) WHERE response IS NOT NULL"
+                    )
+            logger.info("ledger migrated: added %s", ", ".join(f"{t}.{n}" for t, n, _ in added))
+        indexes = {table: {i["name"] for i in inspector.get_indexes(table)} for table in _ADDED_COLUMNS}
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                if index.name not in indexes.get(table.name, set()):
+                    index.create(self.engine, checkfirst=True)
 
     def begin(self):
         """A connection in a write transaction (``BEGIN IMMEDIATE`` on SQLite)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -17,7 +19,7 @@ from .image_store import ImageStore
 from .ledger import KeyRecord, Ledger, hash_key
 from .metrics import Metrics
 from .scorer import Scorer
-from .validation import check_idempotency_key
+from .validation import check_acknowledgements, check_idempotency_key
 
 __all__ = [
     "Server",
@@ -29,8 +31,11 @@ __all__ = [
     "ImagesDep",
     "ScorerDep",
     "MetricsDep",
+    "KeySlots",
     "CurrentKey",
+    "CallerDigest",
     "IdempotencyKey",
+    "Acknowledged",
 ]
 
 
@@ -58,6 +63,50 @@ class KeyCache:
 
 
 @dataclass
+class _Slots:
+    loop: asyncio.AbstractEventLoop
+    free: asyncio.Semaphore
+    active: int = 0
+
+
+class KeySlots:
+    """At most ``per_key`` requests of one key at work at once (in this process); the rest wait their turn.
+
+    A key that already has ``max_waiting`` requests waiting is refused (429): one
+    key, however many requests it sends, holds at most ``per_key`` of the
+    server's threads, and its queue is bounded.
+    """
+
+    def __init__(self, per_key: int = 4, max_waiting: int | None = None) -> None:
+        self.per_key = max(1, int(per_key))
+        self.max_waiting = 4 * self.per_key if max_waiting is None else int(max_waiting)
+        self._keys: dict[int, _Slots] = {}
+
+    @asynccontextmanager
+    async def hold(self, key_id: int):
+        loop = asyncio.get_running_loop()
+        slots = self._keys.get(key_id)
+        if slots is None or slots.loop is not loop:
+            slots = self._keys[key_id] = _Slots(loop, asyncio.Semaphore(self.per_key))
+        if slots.active - self.per_key >= self.max_waiting:
+            raise ApiError(
+                429,
+                f"this key already has {self.per_key} requests at work and {self.max_waiting} waiting; "
+                "send fewer at once",
+                headers={"Retry-After": "1"},
+                retry_after=1.0,
+            )
+        slots.active += 1
+        try:
+            async with slots.free:
+                yield
+        finally:
+            slots.active -= 1
+            if slots.active == 0 and self._keys.get(key_id) is slots:
+                del self._keys[key_id]
+
+
+@dataclass
 class Server:
     """Everything one application holds: settings, database, ledger, images, model, metrics."""
 
@@ -68,6 +117,7 @@ class Server:
     scorer: Scorer
     metrics: Metrics
     keys: KeyCache = field(default_factory=KeyCache)
+    slots: KeySlots = field(default_factory=KeySlots)
 
 
 # Dependencies that do no I/O are ``async``: FastAPI would run a plain ``def`` in the
@@ -127,6 +177,13 @@ async def current_key(
     return record
 
 
+async def caller_digest(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str | None:
+    """sha256 of the secret the request came with (checked again where it is charged)."""
+    return None if credentials is None else hash_key(credentials.credentials)
+
+
 async def idempotency_key(
     value: Annotated[
         str | None,
@@ -141,5 +198,22 @@ async def idempotency_key(
     return check_idempotency_key(value)
 
 
+async def acknowledged(
+    value: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Ack",
+            description="Idempotency-Key values of earlier requests whose answers this client received, "
+            "comma-separated (at most 64): the server drops their stored answers (a retry of one is scored "
+            "again, free). HTTPBackend sends them with its next charged request",
+        ),
+    ] = None,
+) -> list[str]:
+    """The ``Idempotency-Ack`` header: answers the client has, which the server need not keep."""
+    return check_acknowledgements(value)
+
+
 CurrentKey = Annotated[KeyRecord, Depends(current_key)]
+CallerDigest = Annotated[str | None, Depends(caller_digest)]
 IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
+Acknowledged = Annotated[list[str], Depends(acknowledged)]

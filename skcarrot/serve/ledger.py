@@ -13,6 +13,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -27,6 +28,7 @@ __all__ = [
     "Charge",
     "BudgetExceeded",
     "RateLimited",
+    "KeyRevoked",
     "hash_key",
     "new_key",
 ]
@@ -74,6 +76,7 @@ class KeyRecord:
     images_used: int
     requests: int
     revoked: bool
+    image_bytes: int = 0
 
     @property
     def remaining(self) -> int:
@@ -86,9 +89,11 @@ class Charge:
     """What :meth:`Ledger.begin_charge` decided.
 
     ``kind`` is ``"new"`` (charged now: run the model), ``"replay"`` (this
-    Idempotency-Key already succeeded: answer with ``response``, charge nothing)
-    or ``"resume"`` (charged by an attempt that never finished, e.g. a server
-    killed mid-request: run the model again, charge nothing).
+    Idempotency-Key already succeeded: answer with ``response``, charge nothing),
+    ``"resume"`` (charged by an attempt that never finished, e.g. a server
+    killed mid-request: run the model again, charge nothing) or ``"rerun"``
+    (answered before, but the stored answer was dropped, acknowledged or
+    expired: run the model again, charge nothing).
     """
 
     kind: str
@@ -102,6 +107,10 @@ class BudgetExceeded(Exception):
     def __init__(self, requested: int, remaining: int, budget: int) -> None:
         super().__init__(f"{requested} queries requested, {remaining} left of {budget}")
         self.requested, self.remaining, self.budget = requested, remaining, budget
+
+
+class KeyRevoked(Exception):
+    """The key was revoked or rotated since the request authenticated."""
 
 
 class RateLimited(Exception):
@@ -122,6 +131,7 @@ def _record(row) -> KeyRecord:
         images_used=int(row.images_used),
         requests=int(row.requests),
         revoked=bool(row.revoked),
+        image_bytes=int(getattr(row, "image_bytes", 0) or 0),
     )
 
 
@@ -136,7 +146,11 @@ class Ledger:
     rate_window_s : float, default=60.0
         Window of the per-key rate limits.
     idempotency_ttl_s : float, default=7 days
-        Stored responses older than this are pruned (see :attr:`answers`).
+        How long a charged request's ``Idempotency-Key`` is remembered (see :attr:`answers`).
+    answer_ttl_s : float, default=1 hour
+        How long an answer not yet acknowledged is kept to replay.
+    max_answer_bytes_per_key : int, default=32 MiB
+        Most bytes of stored answers per key; the oldest are dropped first.
 
     Attributes
     ----------
@@ -157,11 +171,16 @@ class Ledger:
     """
 
     def __init__(
-        self, db: Database | str, rate_window_s: float = 60.0, idempotency_ttl_s: float = 7 * 24 * 3600.0
+        self,
+        db: Database | str,
+        rate_window_s: float = 60.0,
+        idempotency_ttl_s: float = 7 * 24 * 3600.0,
+        answer_ttl_s: float = 3600.0,
+        max_answer_bytes_per_key: int = 32 * 1024 * 1024,
     ) -> None:
         self.db = db if isinstance(db, Database) else Database(db)
         self.rate_window_s = float(rate_window_s)
-        self.answers = IdempotencyStore(self.db, idempotency_ttl_s)
+        self.answers = IdempotencyStore(self.db, idempotency_ttl_s, answer_ttl_s, max_answer_bytes_per_key)
 
     def dispose(self) -> None:
         """Close every pooled connection."""
@@ -223,6 +242,12 @@ class Ledger:
             return None
         return _record(row)
 
+    def current(self, key_id: int) -> tuple[KeyRecord, str]:
+        """The key's record as it stands now, and the hash of its current secret."""
+        with self.db.connect() as conn:
+            row = conn.execute(sa.select(keys_table).where(keys_table.c.id == key_id)).one()
+        return _record(row), row.key_hash
+
     def usage(self, key_id: int) -> KeyRecord:
         """The key's current record."""
         with self.db.connect() as conn:
@@ -241,6 +266,57 @@ class Ledger:
             rows = conn.execute(sa.select(keys_table).order_by(keys_table.c.id)).all()
         return [_record(r) for r in rows]
 
+    def _named(self, conn, name: str):
+        row = conn.execute(self.db.for_update(sa.select(keys_table).where(keys_table.c.name == name))).first()
+        if row is None:
+            raise KeyError(f"no key named {name!r}")
+        return row
+
+    def revoke_key(self, name: str) -> KeyRecord:
+        """Revoke the key called ``name``: every charged request that starts after this returns is refused (401).
+
+        Its record (budget, usage, images) stays in the ledger, listed as revoked.
+        """
+        with self.db.begin() as conn:
+            row = self._named(conn, name)
+            conn.execute(keys_table.update().where(keys_table.c.id == row.id).values(revoked=True))
+        logger.info("revoked key %r (id %d)", name, row.id)
+        return self.find_key(name)
+
+    def rotate_key(self, name: str) -> str:
+        """A new secret for the key called ``name`` (same account, budget, usage and images); returns it.
+
+        The old secret stops working for every charged request that starts after this returns.
+        """
+        key = new_key()
+        with self.db.begin() as conn:
+            row = self._named(conn, name)
+            conn.execute(keys_table.update().where(keys_table.c.id == row.id).values(key_hash=hash_key(key)))
+        logger.info("rotated the secret of key %r (id %d)", name, row.id)
+        return key
+
+    def set_budget(self, name: str, budget: int) -> KeyRecord:
+        """Set the total budget (queries) of the key called ``name``; what it spent stays spent."""
+        if int(budget) < 0:
+            raise ValueError(f"budget must be >= 0 queries, got {budget}")
+        with self.db.begin() as conn:
+            row = self._named(conn, name)
+            conn.execute(keys_table.update().where(keys_table.c.id == row.id).values(budget=int(budget)))
+        logger.info("set the budget of key %r (id %d) to %d queries", name, row.id, int(budget))
+        return self.find_key(name)
+
+    def top_up(self, name: str, queries: int) -> KeyRecord:
+        """Add ``queries`` to the budget of the key called ``name``."""
+        if int(queries) < 1:
+            raise ValueError(f"a top-up must add >= 1 query, got {queries}")
+        with self.db.begin() as conn:
+            row = self._named(conn, name)
+            conn.execute(
+                keys_table.update().where(keys_table.c.id == row.id).values(budget=keys_table.c.budget + int(queries))
+            )
+        logger.info("topped up key %r (id %d) by %d queries", name, row.id, int(queries))
+        return self.find_key(name)
+
     # -- charging -----------------------------------------------------------------------
 
     def _locked_key(self, conn, key_id: int):
@@ -254,8 +330,10 @@ class Ledger:
         idempotency_key: str | None = None,
         fingerprint: str = "",
         now: float | None = None,
+        key_hash: str | None = None,
+        acknowledged: Sequence[str] = (),
     ) -> Charge:
-        """Check the budget and rate window and charge, in one transaction.
+        """Check the key, its budget and rate window and charge, in one transaction.
 
         Parameters
         ----------
@@ -270,6 +348,14 @@ class Ledger:
             Digest of the request; a reused key with another fingerprint is refused.
         now : float or None
             Clock, for tests.
+        key_hash : str or None
+            sha256 of the secret the request came with: a key revoked, or rotated
+            to another secret, since the request authenticated is refused here,
+            inside the charging transaction (None: check revocation only).
+        acknowledged : sequence of str
+            ``Idempotency-Key`` values of earlier requests whose answers the
+            client received: their stored answers are dropped (a retry of one is
+            scored again, free).
 
         Returns
         -------
@@ -277,20 +363,24 @@ class Ledger:
 
         Raises
         ------
-        BudgetExceeded, RateLimited, ~skcarrot.serve.idempotency.IdempotencyConflict
+        KeyRevoked, BudgetExceeded, RateLimited, ~skcarrot.serve.idempotency.IdempotencyConflict
             Nothing was charged.
         """
         now = time.time() if now is None else now
         n_prompts, n_images = int(n_prompts), int(n_images)
         with self.db.begin() as conn:
             row = self._locked_key(conn, key_id)
+            if row.revoked or (key_hash is not None and not hmac.compare_digest(row.key_hash, key_hash)):
+                raise KeyRevoked(key_id)
+            if acknowledged:
+                self.answers.acknowledge(conn, key_id, acknowledged)
             if idempotency_key is not None:
                 previous = self.answers.find(conn, key_id, idempotency_key, fingerprint)
                 if previous is not None:
                     remaining = max(0, int(row.budget) - int(row.prompts_used))
-                    if previous.done:
+                    if previous.response is not None:
                         return Charge("replay", previous.response, remaining)
-                    return Charge("resume", None, remaining)
+                    return Charge("rerun" if previous.done else "resume", None, remaining)
             remaining = int(row.budget) - int(row.prompts_used)
             if n_prompts > remaining:
                 raise BudgetExceeded(n_prompts, max(0, remaining), int(row.budget))

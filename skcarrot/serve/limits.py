@@ -1,10 +1,46 @@
-"""Refuse request bodies over the size limit (413) before anything parses them."""
+"""Refuse requests over the size limits before anything parses them: bodies (413), headers (431)."""
 
 from __future__ import annotations
 
 import json
 
-__all__ = ["BodyLimitMiddleware"]
+__all__ = ["BodyLimitMiddleware", "HeaderLimitMiddleware"]
+
+
+async def _refuse_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+class HeaderLimitMiddleware:
+    """ASGI middleware: 431 when the request's header names and values take more than ``max_bytes``.
+
+    ``skcarrot serve`` also bounds what its HTTP parser buffers for a request
+    head, so an oversized one is dropped before it is ever held whole.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope.get("headers", []))
+            size += len(scope.get("query_string", b"")) + len(scope.get("raw_path", b"") or b"")
+            if size > self.max_bytes:
+                await _refuse_json(send, 431, {
+                    "detail": f"request headers of {size} bytes are larger than the {self.max_bytes} allowed",
+                    "max_header_bytes": self.max_bytes,
+                })
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

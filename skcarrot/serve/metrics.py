@@ -40,6 +40,9 @@ class Metrics:
             "skcarrot_refusals_total", "Charged requests refused", ["reason"], registry=self.registry
         )
         self.images_cached = Gauge("skcarrot_images_cached", "Decoded images in memory", registry=self.registry)
+        self.image_cache_bytes = Gauge(
+            "skcarrot_image_cache_bytes", "Bytes of decoded images in memory", registry=self.registry
+        )
 
     def render(self) -> bytes:
         if metrics_multiprocess_dir():

@@ -7,21 +7,27 @@ parent's connections it must not reuse), retries of connection errors, timeouts,
 429 and 5xx answers with exponential backoff and full jitter (never shorter
 than the server's ``Retry-After``, in seconds or as an HTTP date), other 4xx
 raised at once, one exception family (:class:`~skcarrot.exceptions.RemoteBackendError`
-and its subclasses), and the handling of the secret parameter: masked in the
+and its subclasses), ``Idempotency-Key`` values for charged requests (random,
+or deterministic inside :meth:`RemoteClient.idempotency_scope`, so a resumed
+run repeats them), and the handling of the secret parameter: masked in the
 repr, dropped from pickles unless asked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import hashlib
 import inspect
 import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sklearn.base import BaseEstimator
@@ -41,6 +47,16 @@ logger = logging.getLogger("skcarrot")
 
 #: Statuses worth retrying: the server was busy, loading, restarting or rate limiting.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+# The 422 ``type`` of an Idempotency-Key reused with another body.
+_CONFLICT = "value_error.idempotency_conflict"
+
+# Answers remembered for acknowledgement, at most (the oldest are forgotten: the server drops
+# them anyway after a while).
+_MAX_PENDING_ACKS = 256
+
+# Characters a scope's name may keep in an Idempotency-Key.
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
 # Where the connection pool, the counters and each backend's caches live; never pickled.
 _STATE = "_remote_state"
@@ -90,6 +106,36 @@ def error_text(detail: Any) -> str:
     return str(detail)
 
 
+class _Scope:
+    """Deterministic ``Idempotency-Key`` values: ``<name>.<position>.<n>``."""
+
+    def __init__(self, name: str, position: Callable[[], int] | None) -> None:
+        clean = _KEY_SAFE.sub("-", str(name))
+        if len(clean) > 100 or clean != str(name):
+            # keep it short and printable: a digest names the scope as well
+            clean = clean[:40] + "-" + hashlib.sha256(str(name).encode()).hexdigest()[:32]
+        self.name = clean
+        self.position = position
+        self.lock = threading.Lock()
+        self.last: Any = None
+        self.n = 0
+
+    def next_key(self) -> str:
+        where = self.position() if self.position is not None else ""
+        with self.lock:
+            if self.position is None:
+                n, self.n = self.n, self.n + 1
+                return f"{self.name}.{n}"
+            if where != self.last:
+                self.last, self.n = where, 0
+            n, self.n = self.n, self.n + 1
+        return f"{self.name}.{where}.{n}"
+
+
+def _is_conflict(detail: Any) -> bool:
+    return isinstance(detail, list) and any(isinstance(d, dict) and d.get("type") == _CONFLICT for d in detail)
+
+
 def _body(response: Any) -> dict:
     try:
         body = response.json()
@@ -117,6 +163,9 @@ class RemoteClient(BaseEstimator):
     _secret = "api_key"
     _store_secret = "store_key"
     _credential = "API key"
+    # Whether to name the answers received in the ``Idempotency-Ack`` header of later
+    # requests (a server of this project then drops them); other servers ignore it.
+    _acknowledges = False
 
     def __init__(
         self, url: str, *, timeout: float, max_retries: int, backoff: float, max_backoff: float
@@ -165,6 +214,8 @@ class RemoteClient(BaseEstimator):
                         "retries": 0,
                         # Jitter only spreads retries in time; it never touches results or numpy's state.
                         "rng": random.Random(),
+                        "scope": None,
+                        "acks": {},
                         **self._new_state(),
                     }
                     self.__dict__[_STATE] = state
@@ -177,6 +228,61 @@ class RemoteClient(BaseEstimator):
     @property
     def n_retries_(self) -> int:
         return self._runtime()["retries"]
+
+    # -- idempotency keys --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def idempotency_scope(self, name: str, position: Callable[[], int] | None = None) -> Iterator[None]:
+        """Make the ``Idempotency-Key`` of every charged request sent inside deterministic.
+
+        Inside the scope the n-th charged request sent while ``position()`` has
+        one value gets the key ``<name>.<position>.<n>`` (``<name>.<n>`` without
+        ``position``), instead of a random one. A run that starts again from a
+        saved state (same ``name``, ``position()`` restored) sends its requests
+        with the keys it sent the first time, so a server that keeps keys
+        (``skcarrot serve``) answers the repeated ones without charging them
+        again. Should a repeated key come back refused because the body differs,
+        the request is sent once more under a random key (and charged).
+
+        Parameters
+        ----------
+        name : str
+            Names the run, e.g. the fingerprint of a fit (its data and parameters).
+        position : callable or None
+            Where the run stands, e.g. its query count so far; part of each key.
+
+        Examples
+        --------
+        >>> from skcarrot.backends import HTTPBackend
+        >>> backend = HTTPBackend("http://127.0.0.1:8000", api_key="skc_example")
+        >>> with backend.idempotency_scope("fit-0123", position=lambda: 40):
+        ...     backend._next_key(), backend._next_key()
+        ('fit-0123.40.0', 'fit-0123.40.1')
+        """
+        state = self._runtime()
+        previous = state["scope"]
+        state["scope"] = _Scope(name, position)
+        try:
+            yield
+        finally:
+            state["scope"] = previous
+
+    def _next_key(self) -> str:
+        """The ``Idempotency-Key`` of the next charged request: the scope's, or a random one."""
+        scope = self._runtime()["scope"]
+        return uuid.uuid4().hex if scope is None else scope.next_key()
+
+    def _scoped(self) -> bool:
+        return self._runtime()["scope"] is not None
+
+    @contextlib.contextmanager
+    def _unscoped(self) -> Iterator[None]:
+        state = self._runtime()
+        previous, state["scope"] = state["scope"], None
+        try:
+            yield
+        finally:
+            state["scope"] = previous
 
     # -- what a subclass says ---------------------------------------------------------------
 
@@ -220,26 +326,38 @@ class RemoteClient(BaseEstimator):
             delay = max(delay, retry_after * (1.0 + 0.1 * rng.random()))
         return delay
 
-    def _call(self, method: str, url: str, payload: Any = None, charged: bool = False) -> Any:
+    def _call(
+        self, method: str, url: str, payload: Any = None, charged: bool = False, key: str | None = None
+    ) -> Any:
         """Send one logical request, retried as the class says; return the decoded JSON body.
 
-        ``charged``: the request carries an ``Idempotency-Key``, the same on
-        every retry, so a server charges it at most once.
+        ``charged``: the request carries an ``Idempotency-Key`` (``key``, or the
+        next of :meth:`_next_key`), the same on every retry, so a server charges
+        it at most once.
         """
         import httpx
 
         client = self._http()
         state = self._runtime()
         headers = {"Accept": "application/json", **self._auth_headers()}
+        scoped = False
+        acks: list[str] = []
         if charged:
-            headers["Idempotency-Key"] = uuid.uuid4().hex
+            scoped = self._scoped()
+            key = key or self._next_key()
+            headers["Idempotency-Key"] = key
+            if self._acknowledges:
+                with state["lock"]:
+                    acks = list(state["acks"])[:64]
+                if acks:
+                    headers["Idempotency-Ack"] = ",".join(acks)
         content = None
         if payload is not None:
             content = json.dumps(payload, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
         where = f"{method} {url}"
         attempts = int(self.max_retries) + 1
-        last = ""
+        last, answered = "", False
         for attempt in range(attempts):
             with state["lock"]:
                 state["calls"] += 1
@@ -248,22 +366,40 @@ class RemoteClient(BaseEstimator):
             try:
                 response = client.request(method, url, content=content, headers=headers)
             except httpx.TransportError as exc:  # connection errors and timeouts
-                last = f"{type(exc).__name__}: {exc}"
+                last, answered = f"{type(exc).__name__}: {exc}", False
             else:
                 status = response.status_code
                 if status < 400:
-                    return self._json(response, where)
+                    body = self._json(response, where)
+                    if self._acknowledges and charged:
+                        with state["lock"]:
+                            for sent in acks:
+                                state["acks"].pop(sent, None)
+                            state["acks"][key] = None
+                            while len(state["acks"]) > _MAX_PENDING_ACKS:
+                                state["acks"].pop(next(iter(state["acks"])))
+                    return body
                 body = _body(response)
-                if status not in RETRY_STATUSES:
+                if status == 422 and scoped and _is_conflict(body.get("detail")):
+                    # a resumed run whose request differs from the first time: send it as a new one
+                    logger.warning("%s: a repeated Idempotency-Key came with another body; sending it anew", where)
+                    with self._unscoped():
+                        return self._call(method, url, payload, charged=True, key=uuid.uuid4().hex)
+                if status not in RETRY_STATUSES or (status == 500 and body.get("retryable") is False):
                     self._raise(status, body, where)
-                last = f"HTTP {status}: {error_text(body.get('detail', body))}"
+                last, answered = f"HTTP {status}: {error_text(body.get('detail', body))}", True
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             if attempt + 1 < attempts:
                 wait = self._delay(attempt, retry_after)
                 logger.warning("%s failed (%s); retry %d of %d in %.2f s", where, last, attempt + 1, attempts - 1, wait)
                 time.sleep(wait)
+        hint = (
+            "The server answered but kept refusing for now"
+            if answered
+            else "Is the server running?"
+        )
         raise RemoteUnavailableError(
-            f"{where} failed after {attempts} attempt(s); last: {last}. Is the server running? "
+            f"{where} failed after {attempts} attempt(s); last: {last}. {hint} "
             "Raise max_retries or timeout to wait longer",
             status_code=None,
         )

@@ -5,8 +5,9 @@ so the estimator does not know it talks over a network. Pixels cross once (each
 distinct image is uploaded once and named by its content id afterwards);
 offsets go as raw float32, logits come back exact; every charged request
 carries an ``Idempotency-Key`` that its retries reuse, so a retry is never
-charged twice. Retries, errors and the key's handling are those of
-:class:`~skcarrot.backends.remote._client.RemoteClient`.
+charged twice, and names the answers received since in ``Idempotency-Ack``, so
+the server need not keep them. Retries, errors and the key's handling are those
+of :class:`~skcarrot.backends.remote._client.RemoteClient`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ class HTTPBackend(RemoteClient):
         ``"logits"``: :meth:`text_scores` makes this a text-level black box too.
     n_calls_, n_retries_ : int
         HTTP requests sent by this object in this process, retries included; of which retries.
+    n_billed_ : int
+        Queries the server billed for the requests this object sent in this
+        process (each request counted once, retries or not), in the server's
+        units: one per prompt offset on :meth:`logits`, one per string on
+        :meth:`text_scores`. The estimator's ``n_queries_`` counts a prompt set
+        as one query; here it counts as many as it has strings.
 
     Raises
     ------
@@ -100,6 +107,7 @@ class HTTPBackend(RemoteClient):
     """
 
     returns = "logits"
+    _acknowledges = True
 
     def __init__(
         self,
@@ -119,7 +127,26 @@ class HTTPBackend(RemoteClient):
     # -- what the client needs (see RemoteClient) ------------------------------------------
 
     def _new_state(self) -> dict:
-        return {"uploaded": set(), "ids": {}, "info": None}
+        return {"uploaded": set(), "ids": {}, "info": None, "billed": 0}
+
+    @property
+    def n_billed_(self) -> int:
+        return self._runtime()["billed"]
+
+    def _charged(self, path: str, payload: dict, key: str) -> np.ndarray:
+        """One charged scoring request under ``key``; its logits, its bill counted."""
+        body = self._call("POST", f"{self.url.rstrip('/')}{path}", payload, charged=True, key=key)
+        state = self._runtime()
+        with state["lock"]:
+            state["billed"] += int(body.get("queries", 0))
+        return _logits(body["logits"])
+
+    def _per_request(self, n_images: int, n_columns: int) -> int | None:
+        """Most prompts (or prompt sets) one request may carry under the server's work limit, or None."""
+        most = self._limits().get("max_logits_per_request")
+        if not most:
+            return None
+        return max(1, int(most) // max(1, n_images * n_columns))
 
     def _auth_headers(self) -> dict[str, str]:
         key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV)
@@ -260,27 +287,43 @@ class HTTPBackend(RemoteClient):
         if offsets.ndim != 3 or offsets.shape[1:] != self.context_shape:
             raise ValueError(f"offsets must have shape (P, *{self.context_shape}), got {offsets.shape}")
         names = [str(c) for c in class_names]
-        array = encode_array(offsets)  # float32 offsets go as float32, exactly
+        images = list(images)
+        step = self._per_request(len(images), len(names))
+        if step is not None and step < len(offsets):
+            # over the server's work limit: the prompts go in several requests (the price is per prompt)
+            parts = [encode_array(offsets[start : start + step]) for start in range(0, len(offsets), step)]
+        else:
+            parts = [encode_array(offsets)]  # float32 offsets go as float32, exactly
+        keys = [self._next_key() for _ in parts]  # the same if the request must be sent again
 
         def send(ids: list[str]) -> np.ndarray:
-            body = self._request(
-                "POST", "/v1/score", {"image_ids": ids, "class_names": names, "offsets": array}, charged=True
-            )
-            return _logits(body["logits"])
+            return np.concatenate([
+                self._charged("/v1/score", {"image_ids": ids, "class_names": names, "offsets": part}, key)
+                for part, key in zip(parts, keys)
+            ])
 
         return self._with_images(images, send)
 
     def text_scores(self, images: Sequence[Any], prompts: Sequence[Sequence[str]]) -> np.ndarray:
-        """Logits ``(P, n_images, L)`` of every image against each prompt set's strings; ``P`` queries.
+        """Logits ``(P, n_images, L)`` of every image against each prompt set's strings.
 
         Makes this backend a text-level black box (see
-        :class:`skcarrot.backends.TextBlackBox`), served by ``POST /v1/score-text``.
+        :class:`skcarrot.backends.TextBlackBox`), served by ``POST /v1/score-text``,
+        which bills one query per string scored (``P x L``; see :attr:`n_billed_`).
         """
         sets = [[str(s) for s in prompt_set] for prompt_set in prompts]
+        images = list(images)
+        step = self._per_request(len(images), len(sets[0]) if sets else 1) if sets else None
+        chunks = [sets] if step is None or step >= len(sets) else [
+            sets[start : start + step] for start in range(0, len(sets), step)
+        ]
+        keys = [self._next_key() for _ in chunks]
 
         def send(ids: list[str]) -> np.ndarray:
-            body = self._request("POST", "/v1/score-text", {"image_ids": ids, "prompts": sets}, charged=True)
-            return _logits(body["logits"])
+            return np.concatenate([
+                self._charged("/v1/score-text", {"image_ids": ids, "prompts": chunk}, key)
+                for chunk, key in zip(chunks, keys)
+            ])
 
         return self._with_images(images, send)
 

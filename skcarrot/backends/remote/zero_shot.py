@@ -36,6 +36,8 @@ class ZeroShotHTTPBackend(RemoteClient):
     softmax probabilities over the labels. One image per call: scoring ``P``
     prompt sets on ``N`` images makes ``P * N`` calls, run concurrently. The
     full prompt strings are sent as the labels, with the template ``"{}"``.
+    Each call carries an ``Idempotency-Key``, the same on its retries, so a
+    metered server charges a call whose answer was lost once.
 
     Parameters
     ----------
@@ -142,9 +144,11 @@ class ZeroShotHTTPBackend(RemoteClient):
 
     # -- the door ---------------------------------------------------------------------------
 
-    def _score_one(self, image_b64: str, labels: list[str]) -> dict[str, float]:
+    def _score_one(self, image_b64: str, labels: list[str], key: str) -> dict[str, float]:
         payload = {"inputs": image_b64, "parameters": {"candidate_labels": labels, "hypothesis_template": "{}"}}
-        body = self._call("POST", self.url, payload)
+        # An Idempotency-Key, the same on every retry: a server that meters calls (skcarrot serve)
+        # charges a retried call once; others ignore the header.
+        body = self._call("POST", self.url, payload, charged=True, key=key)
         if isinstance(body, list) and len(body) == 1 and isinstance(body[0], list):
             body = body[0]  # some servers wrap one input's answer in a batch
         try:
@@ -171,9 +175,14 @@ class ZeroShotHTTPBackend(RemoteClient):
         encoded = [png_base64(img) for img in images]
         labels = [list(dict.fromkeys(prompt_set)) for prompt_set in sets]
         jobs = [(p, n) for p in range(len(sets)) for n in range(len(images))]
+        # one key per call, made here (not in the pool's threads) so that it is the same in a
+        # run repeated inside an idempotency scope
+        base = self._next_key()
         self._http()
         with ThreadPoolExecutor(max_workers=max(1, int(self.max_concurrency))) as pool:
-            answers = list(pool.map(lambda job: self._score_one(encoded[job[1]], labels[job[0]]), jobs))
+            answers = list(pool.map(
+                lambda job: self._score_one(encoded[job[1]], labels[job[0]], f"{base}.{job[0]}.{job[1]}"), jobs
+            ))
         out = np.empty((len(sets), len(images), len(sets[0])))
         for (p, n), scores in zip(jobs, answers):
             out[p, n] = [scores[s] for s in sets[p]]

@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ... import __version__
 from ..deps import CurrentKey, LedgerDep, ScorerDep, SettingsDep
-from ..schemas import ErrorResponse, InfoResponse, UsageResponse
+from ..schemas import ErrorResponse, InfoResponse, Limits, UsageResponse
 
 router = APIRouter(prefix="/v1", tags=["account"])
 
@@ -26,15 +26,7 @@ async def info(settings: SettingsDep, scorer: ScorerDep, key: CurrentKey) -> Inf
             "context_shape": [n_ctx, dim],
             "text_endpoints": scorer.text_capable,
         },
-        limits={
-            "max_body_bytes": s.max_body_bytes,
-            "max_images_per_request": s.max_images_per_request,
-            "max_prompts_per_request": s.max_prompts_per_request,
-            "max_classes": s.max_classes,
-            "max_image_pixels": s.max_image_pixels,
-            "max_class_name_chars": s.max_class_name_chars,
-            "rate_window_s": s.rate_window_s,
-        },
+        limits={name: getattr(s, name) for name in Limits.model_fields},
         version=__version__,
     )
 
@@ -52,4 +44,6 @@ async def usage(settings: SettingsDep, ledger: LedgerDep, key: CurrentKey) -> Us
         remaining=record.remaining,
         rate_limit=record.rate_limit,
         rate_window_s=settings.rate_window_s,
+        image_bytes=record.image_bytes,
+        max_image_bytes=settings.max_image_bytes_per_key,
     )

@@ -27,4 +27,5 @@ async def health(db: DatabaseDep, scorer: ScorerDep, response: Response) -> Heal
 )
 async def metrics(metrics: MetricsDep, images: ImagesDep) -> Response:
     metrics.images_cached.set(len(images))
+    metrics.image_cache_bytes.set(images.cached_bytes)
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

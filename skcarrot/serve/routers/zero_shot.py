@@ -22,6 +22,9 @@ async def zero_shot_image_classification(body: ZeroShotRequest, charged: Charged
     """``{"inputs": <base64 image>, "parameters": {"candidate_labels": [...], "hypothesis_template": ...}}``
     -> ``[{"label", "score"}]``, sorted by score; scores are softmax probabilities.
 
+    Priced per call, as hosted endpoints price it: one query per call, for one
+    image and up to ``max_classes`` candidate labels.
+
     Point ``huggingface_hub.InferenceClient(model=<this URL>, token=<key>)`` here.
     """
     settings, scorer = charged.server.settings, charged.server.scorer
@@ -31,16 +34,19 @@ async def zero_shot_image_classification(body: ZeroShotRequest, charged: Charged
         template = validation.check_template(
             body.parameters.hypothesis_template, ("body", "parameters", "hypothesis_template")
         )
-        labels = body.parameters.candidate_labels
+        labels = validation.check_labels(body.parameters.candidate_labels,
+                                         ("body", "parameters", "candidate_labels"), settings)
         prompts = validation.check_prompt_sets([[template.replace("{}", label) for label in labels]],
-                                               ("body", "parameters", "candidate_labels"), settings, scorer)
-        _, _, image = validation.decode_upload(body.inputs, ("body", "inputs"), settings.max_image_pixels)
+                                               ("body", "parameters", "candidate_labels"), settings, scorer,
+                                               settings.max_class_name_chars + validation.MAX_TEMPLATE_CHARS)
+        _, _, image = validation.decode_upload(body.inputs, ("body", "inputs"), settings.max_image_pixels,
+                                               scorer.reduce)
 
         def compute(remaining: int) -> list[dict]:
             probs = scorer.label_probabilities(image, prompts[0])
             order = np.argsort(-probs, kind="stable")
             return [{"label": labels[i], "score": float(probs[i])} for i in order]
 
-        return Job(1, 1, compute)
+        return Job(1, 1, compute, ("body", "parameters", "candidate_labels"))
 
     return await charged.run(prepare)
