@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from skcarrot.bench import make_estimator, read_cells, run_bench
 from skcarrot.cli import main
 from skcarrot.datasets import load_benchmark, sample_few_shot
 from skcarrot.datasets.benchmark import SPLIT_DATASETS
@@ -118,6 +119,8 @@ def test_bench_end_to_end_and_resume(tree, tmp_path, capsys):
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 2 * 3
+    cells = sorted((out / "cells").glob("*.json"))  # one result file per cell
+    assert len(cells) == len(rows) and "eurosat-1shot-seed1-zeroshot.json" in {p.name for p in cells}
     assert {r["method"] for r in rows} == {"zeroshot", "bbt", "carrot"}
     assert all(0 <= r["accuracy"] <= 100 and r["queries"] <= 82 for r in rows)
     assert all(r["queries"] == 0 for r in rows if r["method"] == "zeroshot")
@@ -125,8 +128,43 @@ def test_bench_end_to_end_and_resume(tree, tmp_path, capsys):
     assert "| eurosat | 1 | zeroshot | black-box |" in md and "37.56" in md
     assert len((out / "summary.csv").read_text().splitlines()) == 1 + 2 * 2 * 3
     before = (out / "results.jsonl").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in cells}
     assert main(args) == 0  # resumed: nothing to do
     assert (out / "results.jsonl").read_text() == before
+    assert {p: p.stat().st_mtime_ns for p in cells} == stamps
+
+
+def test_an_output_folder_of_results_jsonl_only_is_resumed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {"dataset": "digits", "shots": 1, "seed": 1, "method": "zeroshot", "kind": "black-box", "accuracy": 12.5,
+           "queries": 0, "fit_seconds": 0.1, "model": "m", "pretrained": "w", "fitted_on": "digits"}
+    (out / "results.jsonl").write_text(json.dumps(old) + "\n" + '{"dataset": "dig')  # the last line cut short
+    rows = run_bench(root=None, datasets=["digits"], shots=[1], seeds=[1], methods=["zeroshot"], out=str(out),
+                     quiet=True)
+    assert rows == [old]  # not run again
+    assert read_cells(out) == {("digits", 1, 1, "zeroshot"): old}
+    assert (out / "results.jsonl").read_text() == json.dumps(old) + "\n"
+
+
+def test_the_methods_fix_prompt_tuning_as_in_the_paper():
+    expected = {"zeroshot": (False, False), "bbt": (True, False), "refine": (False, True), "carrot": (True, True)}
+    for method, (prompt, refine) in expected.items():
+        est = make_estimator(method, "eurosat", 1, seed=1, backend=None, classnames=["a", "b"])
+        assert (est.prompt_tuning, est.refinement) == (prompt, refine), method  # never the "auto" default
+
+
+def test_bench_cluster_options_are_checked(tmp_path, capsys):
+    base = ["bench", "--datasets", "digits", "--out", str(tmp_path), "--quiet"]
+    with pytest.raises(SystemExit):
+        main(base + ["--scheduler", "tcp://127.0.0.1:1", "--workers", "2"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(base + ["--workers", "0"]) == 2
+    assert main(base + ["--workers", "1", "--resources", "=1"]) == 2
+    assert "NAME=AMOUNT" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at most one of"):
+        run_bench(root=None, datasets=["digits"], shots=[1], seeds=[1], methods=["zeroshot"], out=str(tmp_path),
+                  scheduler="tcp://127.0.0.1:1", workers=1)
 
 
 def test_white_box_baselines_and_shift_sets_share_the_table(tree, tmp_path):
