@@ -5,7 +5,8 @@ black-box door in :mod:`skcarrot.backends`: prompt offsets in, logits out, every
 query counted.
 """
 
-from .backends import BlackBoxVLM, HTTPBackend, OpenCLIPBackend, QueryCounter, ToyBackend
+from ._vocabulary import UnknownClassNamesWarning
+from .backends import BlackBoxVLM, HTTPBackend, OpenCLIPBackend, QueryCounter, ToyBackend, ZeroShotHTTPBackend
 from .classifier import CarrotClassifier
 from .exceptions import QueryBudgetExceededError, WeightsUnavailableError
 
@@ -16,9 +17,11 @@ __all__ = [
     "BlackBoxVLM",
     "OpenCLIPBackend",
     "HTTPBackend",
+    "ZeroShotHTTPBackend",
     "QueryCounter",
     "ToyBackend",
     "QueryBudgetExceededError",
     "WeightsUnavailableError",
+    "UnknownClassNamesWarning",
     "__version__",
 ]

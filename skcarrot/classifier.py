@@ -30,6 +30,7 @@ from ._training import (
     run_generations,
 )
 from ._validation import ImageClassifierMixin, check_images_and_labels, resolve_class_names
+from ._vocabulary import warn_if_unknown_to
 from .backends.embedded import resolve_backend
 from .doors import door_named, fitted_attribute_names, pick_door
 from .images import AUGMENTATIONS, flat_width, to_pil_images
@@ -358,6 +359,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         images, classes, y_idx = check_images_and_labels(X, y, self.image_range)
         names = resolve_class_names(self.class_names, classes)
         backend = resolve_backend(self.backend)
+        warn_if_unknown_to(backend, names, stacklevel=3)
         door_type = pick_door(backend, self.door)
         previous = self._previous_fit(classes, door_type.name)
         params = self.get_params(deep=False)

@@ -31,15 +31,13 @@ class HiddenUntilPrompted:
         return out
 
 
-class Noise:
-    """Logits that say nothing about the class, whatever the prompt: nothing can beat the bare prompt."""
+class Blind:
+    """The same logits for every image, whatever the prompt: nothing can beat the bare prompt."""
 
     context_shape = (1, 4)
 
     def logits(self, images, class_names, offsets):
-        seeds = [int(np.asarray(img.convert("L")).sum()) for img in images]
-        noise = np.stack([np.random.RandomState(s).normal(scale=0.05, size=len(class_names)) for s in seeds])
-        return np.repeat(noise[None], len(offsets), axis=0)
+        return np.zeros((len(offsets), len(images), len(class_names)))
 
 
 def test_auto_spends_the_budget_when_the_pilot_pays():
@@ -54,7 +52,7 @@ def test_auto_spends_the_budget_when_the_pilot_pays():
 
 def test_auto_keeps_the_hand_written_prompt_when_nothing_beats_it():
     X, y = _shots(12)
-    clf = CarrotClassifier(backend=Noise(), query_budget=400, **SMALL).fit(X, y)
+    clf = CarrotClassifier(backend=Blind(), query_budget=400, **SMALL).fit(X, y)
     assert clf.selection_["choice"] == "zero-shot"
     assert clf.refiner_weights_ is None and np.all(clf.prompt_offset_ == 0) and clf.n_iter_ == 0
     assert clf.n_queries_ <= 0.25 * 400 + 1  # the pool query and the pilot, no more

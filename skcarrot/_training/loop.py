@@ -25,12 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._threads import fit_threads
 from ..losses import cross_entropy, prompt_fitness
 from ..refiner import ResidualRefiner, refine_logits
 from .early_stopping import EarlyStopping, Snapshot
 from .views import FreshViews, ViewPool
 
-__all__ = ["CollaborativeLoop", "plan_generations", "run_generations"]
+__all__ = ["BudgetTooSmallError", "CollaborativeLoop", "plan_generations", "run_generations"]
+
+
+class BudgetTooSmallError(ValueError):
+    """The query budget can not buy one generation."""
 
 
 def plan_generations(
@@ -42,13 +47,15 @@ def plan_generations(
     fresh_views: bool,
     validation: bool,
     max_iter: int | None,
+    screening: int = 0,
 ) -> tuple[int, dict[str, int]]:
     """Generations a fit runs within ``query_budget``, and the cost of each part.
 
     Returns ``(n_generations, costs)`` with ``costs`` the queries of the start
-    (``"start"``: the zero-shot validation and the one query that scores a fixed
-    view pool when the prompt never moves) and of each generation
-    (``"generation"``). Raises ``ValueError`` when not even one generation fits.
+    (``"start"``: the search's own start, e.g. ``screening`` candidate words on the
+    text door, the zero-shot validation, and the one query that scores a fixed view
+    pool when the prompt never moves) and of each generation (``"generation"``).
+    Raises :class:`BudgetTooSmallError` (a ``ValueError``) when not even one generation fits.
 
     Examples
     --------
@@ -58,14 +65,14 @@ def plan_generations(
     (22, {'start': 0, 'generation': 9})
     """
     pool_once = refinement and not prompt_tuning and not fresh_views
-    start = int(validation) + int(pool_once)
+    start = screening + int(validation) + int(pool_once)
     per_generation = popsize * int(prompt_tuning) + int(refinement and not pool_once) + int(validation)
     costs = {"start": start, "generation": per_generation}
     if not (prompt_tuning or refinement):
         return 0, costs
     affordable = (query_budget - start) // per_generation if per_generation else (query_budget - start >= 0) * 10**9
     if affordable < 1:
-        parts = []
+        parts = [f"{screening} screening queries"] if screening else []
         if validation:
             parts.append("1 zero-shot validation query")
         if prompt_tuning:
@@ -74,9 +81,11 @@ def plan_generations(
             parts.append("1 refiner query")
         if validation:
             parts.append("1 validation query")
-        raise ValueError(
+        raise BudgetTooSmallError(
             f"query_budget={query_budget} is smaller than one generation "
-            f"({' + '.join(parts)} = {start + per_generation} queries)"
+            f"({' + '.join(parts)} = {start + per_generation} queries): "
+            + _budget_remedies(query_budget, start + per_generation, prompt_tuning=prompt_tuning,
+                               refinement=refinement, popsize=popsize, validation=validation)
         )
     if max_iter is not None:
         wanted = max_iter
@@ -85,6 +94,27 @@ def plan_generations(
     else:  # as many epochs as a full fit with the same budget would run
         wanted = max(1, query_budget // (popsize + 1))
     return min(wanted, affordable), costs
+
+
+def _budget_remedies(
+    query_budget: int, needed: int, *, prompt_tuning: bool, refinement: bool, popsize: int, validation: bool
+) -> str:
+    """What makes one generation fit: the least budget, and the parameters that lower the cost."""
+    remedies = [f"raise query_budget to at least {needed}"]
+    if prompt_tuning:
+        most = popsize - (needed - query_budget)  # one query less per prompt less
+        if most >= 2:
+            remedies.append(f"lower popsize to at most {most}")
+        elif popsize > 2:
+            remedies.append(f"lower popsize (popsize=2 needs {needed - popsize + 2})")
+    if validation:
+        remedies.append("set early_stopping=False (2 validation queries fewer)")
+    alone = 2 * int(validation) + 1  # the refiner without the prompt search: one generation's cost
+    if prompt_tuning and refinement and alone <= query_budget:
+        remedies.append(f"set prompt_tuning=False (the refiner alone needs {alone})")
+    if len(remedies) == 1:
+        return remedies[0]
+    return ", ".join(remedies[:-1]) + ", or " + remedies[-1]
 
 
 @dataclass
@@ -294,12 +324,13 @@ def run_generations(loop: CollaborativeLoop, run: Any, callbacks=()) -> None:
     stopped)`` and ``close()`` (called however the run ends).
     """
     try:
-        while loop.generation - run.generation0 < run.n_generations and not loop.should_stop():
-            record = loop.generation_step()
-            record["queries"] += run.base_queries
-            run.history.append(record)
-            for callback in callbacks:
-                callback.on_generation(loop, run, record)
+        with fit_threads():  # one BLAS thread, and one torch thread but for the stages that ask for more
+            while loop.generation - run.generation0 < run.n_generations and not loop.should_stop():
+                record = loop.generation_step()
+                record["queries"] += run.base_queries
+                run.history.append(record)
+                for callback in callbacks:
+                    callback.on_generation(loop, run, record)
         for callback in callbacks:
             callback.on_end(loop, run, stopped=loop.should_stop())
     finally:

@@ -121,13 +121,14 @@ def build_run(
     use_validation = EarlyStopping.applies(settings, y)
     start_cost = door.start_cost(search)
     n_generations, costs = plan_generations(
-        settings.query_budget - start_cost,
+        settings.query_budget,
         prompt_tuning=settings.prompt_tuning,
         refinement=settings.refinement,
         popsize=settings.popsize,
         fresh_views=settings.fresh_views,
         validation=use_validation,
         max_iter=settings.max_iter,
+        screening=start_cost,
     )
     loop_rng = np.random.RandomState(seeds["loop"])
     early_stopping = None
@@ -175,7 +176,7 @@ def build_run(
     run = RunState(
         seeds=seeds,
         n_generations=n_generations,
-        planned=start_cost + costs["start"] + n_generations * costs["generation"],
+        planned=costs["start"] + n_generations * costs["generation"],
         generation0=generation0,
         warm=previous is not None,
         base_queries=previous.history[-1]["queries"] if previous is not None and previous.history else 0,

@@ -40,6 +40,7 @@ from ...exceptions import (
     RemoteUnavailableError,
     RemoteValidationError,
 )
+from ...wire import RAW_MEDIA_TYPE, WireFormatError, decode_raw
 
 __all__ = ["RETRY_STATUSES", "RemoteClient", "error_text", "retry_after_seconds"]
 
@@ -298,6 +299,19 @@ class RemoteClient(BaseEstimator):
         """What to do when the server refuses the credentials."""
         raise NotImplementedError
 
+    def _not_found_hint(self) -> str:
+        """What to do when the server has nothing at the URL asked (404, 405).
+
+        This default is for a client that appends paths to ``url``: ``url`` must be the
+        server's base URL.
+        """
+        base = self.url.split("/v1/")[0].rstrip("/") if "/v1/" in self.url else None
+        hint = (
+            f"url must be the server's base URL, without a path (requests go to url + '/v1/...'), "
+            f"got url={self.url!r}"
+        )
+        return hint + (f"; try url={base!r}" if base else "")
+
     # -- the client -------------------------------------------------------------------------
 
     def _http(self) -> Any:
@@ -327,19 +341,27 @@ class RemoteClient(BaseEstimator):
         return delay
 
     def _call(
-        self, method: str, url: str, payload: Any = None, charged: bool = False, key: str | None = None
+        self,
+        method: str,
+        url: str,
+        payload: Any = None,
+        charged: bool = False,
+        key: str | None = None,
+        accept: str = "application/json",
     ) -> Any:
-        """Send one logical request, retried as the class says; return the decoded JSON body.
+        """Send one logical request, retried as the class says; return the decoded body.
 
         ``charged``: the request carries an ``Idempotency-Key`` (``key``, or the
         next of :meth:`_next_key`), the same on every retry, so a server charges
-        it at most once.
+        it at most once. ``accept``: the ``Accept`` header; an answer in
+        :data:`~skcarrot.wire.RAW_MEDIA_TYPE` is decoded as a dict whose
+        ``logits`` is an array, any other as JSON.
         """
         import httpx
 
         client = self._http()
         state = self._runtime()
-        headers = {"Accept": "application/json", **self._auth_headers()}
+        headers = {"Accept": accept, **self._auth_headers()}
         scoped = False
         acks: list[str] = []
         if charged:
@@ -370,7 +392,7 @@ class RemoteClient(BaseEstimator):
             else:
                 status = response.status_code
                 if status < 400:
-                    body = self._json(response, where)
+                    body = self._decoded(response, where)
                     if self._acknowledges and charged:
                         with state["lock"]:
                             for sent in acks:
@@ -384,7 +406,7 @@ class RemoteClient(BaseEstimator):
                     # a resumed run whose request differs from the first time: send it as a new one
                     logger.warning("%s: a repeated Idempotency-Key came with another body; sending it anew", where)
                     with self._unscoped():
-                        return self._call(method, url, payload, charged=True, key=uuid.uuid4().hex)
+                        return self._call(method, url, payload, charged=True, key=uuid.uuid4().hex, accept=accept)
                 if status not in RETRY_STATUSES or (status == 500 and body.get("retryable") is False):
                     self._raise(status, body, where)
                 last, answered = f"HTTP {status}: {error_text(body.get('detail', body))}", True
@@ -403,6 +425,17 @@ class RemoteClient(BaseEstimator):
             "Raise max_retries or timeout to wait longer",
             status_code=None,
         )
+
+    @classmethod
+    def _decoded(cls, response: Any, where: str) -> Any:
+        """The body of a successful answer: raw logits (see :func:`~skcarrot.wire.decode_raw`), or JSON."""
+        if response.headers.get("content-type", "").split(";")[0].strip().lower() == RAW_MEDIA_TYPE:
+            try:
+                return decode_raw(response.content, "logits")
+            except WireFormatError as exc:
+                raise RemoteProtocolError(f"{where} answered with a malformed {RAW_MEDIA_TYPE} body: {exc}",
+                                          response.status_code) from exc
+        return cls._json(response, where)
 
     @staticmethod
     def _json(response: Any, where: str) -> Any:
@@ -430,6 +463,9 @@ class RemoteClient(BaseEstimator):
                 detail=detail,
                 remaining=body.get("remaining"),
             )
+        if status in (404, 405):
+            hint = self._not_found_hint()
+            raise RemoteValidationError(f"{where}: the server refused the request ({status}): {text}; {hint}", status, detail)
         if 400 <= status < 500:
             raise RemoteValidationError(f"{where}: the server refused the request ({status}): {text}", status, detail)
         raise RemoteBackendError(f"{where}: HTTP {status}: {text}", status, detail)

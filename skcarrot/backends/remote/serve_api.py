@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ...exceptions import RemoteAuthenticationError, RemoteBackendError, RemoteValidationError
-from ...wire import decode_array, encode_array, image_content_id, png_base64
+from ...wire import RAW_MEDIA_TYPE, decode_array, encode_array, image_content_id, png_base64
 from ._client import RemoteClient
 
 __all__ = ["HTTPBackend", "API_KEY_ENV"]
@@ -32,8 +32,14 @@ API_KEY_ENV = "SKCARROT_API_KEY"
 _ASK_FIRST_PIXELS = 64 * 64 * 64
 
 
+# What a scoring request accepts: raw logits, or JSON from a server that does not offer them.
+_ACCEPT = f"{RAW_MEDIA_TYPE}, application/json;q=0.5"
+
+
 def _logits(value: Any) -> np.ndarray:
     # Finiteness is the query counter's to check, with its own message.
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float64)
     return np.asarray(decode_array(value, finite=False), dtype=np.float64)
 
 
@@ -135,7 +141,8 @@ class HTTPBackend(RemoteClient):
 
     def _charged(self, path: str, payload: dict, key: str) -> np.ndarray:
         """One charged scoring request under ``key``; its logits, its bill counted."""
-        body = self._call("POST", f"{self.url.rstrip('/')}{path}", payload, charged=True, key=key)
+        # logits come back as raw bytes from a server that offers them, else as base64 in JSON
+        body = self._call("POST", f"{self.url.rstrip('/')}{path}", payload, charged=True, key=key, accept=_ACCEPT)
         state = self._runtime()
         with state["lock"]:
             state["billed"] += int(body.get("queries", 0))

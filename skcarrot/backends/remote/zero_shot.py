@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -140,7 +141,31 @@ class ZeroShotHTTPBackend(RemoteClient):
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def _auth_hint(self) -> str:
-        return f"set the token in the environment variable {self.token_env} (or pass token=...)"
+        if self.token is not None:
+            return (
+                "the token passed as token=... was refused: pass one the endpoint accepts, or token=None "
+                f"to read it from the environment variable named by token_env (now {self.token_env!r})"
+            )
+        where = f"the environment variable {self.token_env} (token_env={self.token_env!r})"
+        if not os.environ.get(self.token_env):
+            return (
+                f"no token was sent: {where} is unset; set it, pass token_env='<VARIABLE>' to read "
+                "another variable (for 'skcarrot serve' keys, e.g. 'SKCARROT_API_KEY'), or pass token=..."
+            )
+        return (
+            f"the token came from {where}: set it to a token the endpoint accepts, pass "
+            "token_env='<VARIABLE>' to read another variable, or pass token=..."
+        )
+
+    def _not_found_hint(self) -> str:
+        parts = urlsplit(self.url)
+        hint = (
+            "url must be the endpoint's full URL, the one each image is POSTed to (for 'skcarrot serve': "
+            f"'<server>/v1/zero-shot-image-classification'), got url={self.url!r}"
+        )
+        if parts.path.strip("/") == "":
+            hint += f"; try url={self.url.rstrip('/') + '/v1/zero-shot-image-classification'!r}"
+        return hint
 
     # -- the door ---------------------------------------------------------------------------
 
