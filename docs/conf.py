@@ -35,9 +35,24 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "remove_config_comments": True,
     "within_subsection_order": "FileNameSortKey",
+    # a second, double-resolution copy of each plot, for sharp images at full width
+    "image_srcset": ["2x"],
 }
 
 html_theme = "pydata_sphinx_theme"
 html_title = "skcarrot"
-html_theme_options = {"navigation_with_keys": False}
+html_theme_options = {
+    "navigation_with_keys": False,
+    # every top-level page in the top bar, none under "More"
+    "header_links_before_dropdown": 10,
+    "navbar_align": "left",
+    "navbar_persistent": ["search-button"],
+    # the site's contents in the left sidebar, sections opened one level
+    "show_nav_level": 1,
+    "navigation_depth": 2,
+}
+templates_path = ["_templates"]
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+html_sidebars = {"**": ["sidebar-site-nav"]}
 intersphinx_mapping = {}

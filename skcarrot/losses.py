@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._threads import threads_for, torch_threads
+
 __all__ = ["cross_entropy", "consistency_kl", "prompt_fitness", "refiner_loss"]
 
 
@@ -31,8 +33,11 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     >>> round(float(cross_entropy(torch.zeros(1, 2), torch.tensor([0]))), 4)
     0.6931
     """
-    logp = F.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, y.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return _mean_nll(F.log_softmax(logits, dim=-1), y)
+
+
+def _mean_nll(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    picked = logp.gather(-1, y.expand(logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
     return -picked.mean(dim=-1)
 
 
@@ -54,8 +59,10 @@ def consistency_kl(target_logits: torch.Tensor, input_logits: torch.Tensor) -> t
     >>> float(consistency_kl(torch.zeros(3, 4), torch.zeros(3, 4)))
     0.0
     """
-    log_p = F.log_softmax(target_logits, dim=-1)
-    log_q = F.log_softmax(input_logits, dim=-1)
+    return _kl(F.log_softmax(target_logits, dim=-1), F.log_softmax(input_logits, dim=-1))
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1)
 
 
@@ -87,9 +94,12 @@ def prompt_fitness(
     >>> prompt_fitness(torch.zeros(2, 3, 4), None, torch.tensor([0, 1, 2]), 0.1).shape
     torch.Size([2])
     """
-    loss = cross_entropy(logits, y)
-    if refined is not None and weight:
-        loss = loss + weight * consistency_kl(refined, logits)
+    with torch_threads(threads_for(30.0 * logits.numel())):  # a few dozen operations per logit
+        log_q = F.log_softmax(logits, dim=-1)
+        loss = _mean_nll(log_q, y)  # cross_entropy(logits, y)
+        if refined is not None and weight:
+            log_p = F.log_softmax(refined, dim=-1)
+            loss = loss + weight * _kl(log_p, log_q)  # consistency_kl(refined, logits), log_q computed once
     return loss
 
 

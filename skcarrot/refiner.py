@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._threads import torch_threads
+from ._threads import threads_for, torch_threads
 from .losses import refiner_loss
 
 __all__ = ["ResidualRefiner", "refine_logits"]
@@ -47,7 +47,9 @@ class ResidualRefiner(nn.Module):
                 layer.bias.uniform_(-bound, bound, generator=generator)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits + self.fc2(torch.relu(self.fc1(logits)))
+        # 4 * hidden operations per logit: one thread even for a generation's 40 x 160 x 10 logits
+        with torch_threads(threads_for(4.0 * logits.numel() * self.fc1.out_features)):
+            return logits + self.fc2(torch.relu(self.fc1(logits)))
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """Weights as float32 NumPy arrays (what a fitted estimator stores)."""

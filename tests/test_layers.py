@@ -13,10 +13,10 @@ LAYERS = [
     {"images", "datasets"},
     {"_validation"},
     {"backends"},
-    {"losses", "refiner", "search"},
-    {"doors", "_training"},
+    {"losses", "refiner", "search", "pretrain"},
+    {"doors", "_training", "_vocabulary"},
     {"classifier", "baselines"},
-    {"presets", "pretrain", "__init__"},
+    {"presets", "__init__"},
     {"bench", "demo", "serve"},
     {"cli", "__main__"},
 ]

@@ -95,8 +95,9 @@ def _encode_pooled_rows(tower: torch.nn.Module, prefix: torch.Tensor, suffix: to
     the pooled row's attention output, residual stream and MLP, so it computes those for that
     row alone; the prefix's own output of the last block is never used, so it is not computed.
     Each row's arithmetic is unchanged: the result equals the pooled rows of
-    ``encode_shared_prefix`` bit for bit. The keys and values shared by every class are
-    copied once, straight into their place.
+    ``encode_shared_prefix`` bit for bit (on one thread; a batch of one or two rows on two
+    threads may differ in the last bit, where MKL picks another kernel for the smaller
+    matrix). The keys and values shared by every class are copied once, straight into place.
     """
     p, lp, d = prefix.shape
     c, ls, _ = suffix.shape
@@ -325,7 +326,7 @@ class _LoadedBox:
 
         A call below :data:`skcarrot._threads.SMALL_WORK_FLOPS` (e.g. a 40-prompt generation of
         the embedded model, about 0.3 GFLOP in ops of well under a millisecond) runs on one
-        thread; bigger ones (e.g. RN50's text tower) on torch's count as it is.
+        thread; bigger ones (e.g. RN50's text tower) on torch's count from outside the fit.
         """
         threads = threads_for(flops) if self.device.type == "cpu" else None
         with self.lock, torch.inference_mode(), torch_threads(threads), self._autocast():

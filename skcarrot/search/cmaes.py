@@ -13,7 +13,8 @@ import threading
 import warnings
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+
+from .._threads import one_blas_thread
 
 with warnings.catch_warnings():  # cma warns at import when matplotlib is absent; we never plot
     warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
@@ -22,30 +23,27 @@ with warnings.catch_warnings():  # cma warns at import when matplotlib is absent
 __all__ = ["CMAESPromptSearch", "projection_matrix"]
 
 
-_BLAS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    # CMA-ES decomposes a d x d covariance every few generations (d = 512): one BLAS thread
-    # does it in tens of milliseconds, while threads that spin on a busy machine take seconds.
-    # The limit is process-wide, so concurrent fits take turns to set and restore it.
-    with _BLAS_LOCK, threadpool_limits(limits=1, user_api="blas"):
-        yield
+# CMA-ES decomposes a d x d covariance every few generations (d = 512) and the projection
+# multiplies (popsize, d) by (d, n_ctx * dim): one BLAS thread does each in milliseconds, while
+# threads that spin on after the call (or wait for a core on a busy machine) cost far more.
+# ask, tell and offsets run under skcarrot._threads.one_blas_thread, which a fit may hold
+# throughout (skcarrot._threads.fit_threads): then entering it here costs a counter.
+_STREAM_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def _global_stream(generator: np.random.RandomState):
     # pycma's TPA step-size rule (used from dimension 300 on) draws from numpy's global stream in
     # a consistency check after each tell. The check changes no result; lending it our own stream
-    # for the call keeps the user's global state untouched (callers hold _BLAS_LOCK: one at a time).
-    saved = np.random.get_state()
-    np.random.set_state(generator.get_state())
-    try:
-        yield
-    finally:
-        generator.set_state(np.random.get_state())
-        np.random.set_state(saved)
+    # for the call keeps the user's global state untouched (one search at a time holds it).
+    with _STREAM_LOCK:
+        saved = np.random.get_state()
+        np.random.set_state(generator.get_state())
+        try:
+            yield
+        finally:
+            generator.set_state(np.random.get_state())
+            np.random.set_state(saved)
 
 
 def projection_matrix(
@@ -142,19 +140,20 @@ class CMAESPromptSearch:
 
     def ask(self) -> tuple[np.ndarray, np.ndarray]:
         """``(Z, offsets)``: the candidates ``(popsize, intrinsic_dim)`` and their prompt offsets."""
-        with _one_blas_thread():
+        with one_blas_thread():
             Z = np.asarray(self.es.ask())
-        return Z, self.offsets(Z)
+            return Z, self.offsets(Z)
 
     def tell(self, solutions: np.ndarray, fitness: np.ndarray) -> None:
         """Report the fitness (lower is better) of the candidates from :meth:`ask`."""
-        with _one_blas_thread(), _global_stream(self._checks):
+        with one_blas_thread(), _global_stream(self._checks):
             self.es.tell(list(solutions), [float(f) for f in fitness])
 
     def offsets(self, Z: np.ndarray) -> np.ndarray:
         """Map intrinsic vectors ``(P, d)`` to prompt offsets ``(P, n_ctx, dim)``."""
         Z = np.atleast_2d(np.asarray(Z, dtype=np.float32))
-        return (Z @ self.projection).reshape((Z.shape[0],) + self.context_shape)
+        with one_blas_thread():
+            return (Z @ self.projection).reshape((Z.shape[0],) + self.context_shape)
 
     def coordinates(self) -> np.ndarray:
         """The current in-bounds solution ``z``: cma's mean mapped through its boundary transform.
