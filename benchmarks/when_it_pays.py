@@ -154,7 +154,7 @@ def run_cell(out, task, shots, seed, method):
     record = {
         "task": task, "shots": shots, "seed": seed, "method": method, "accuracy": accuracy,
         "queries": int(getattr(est, "n_queries_", 0)), "images": int(getattr(est, "n_images_scored_", 0)),
-        "seconds": seconds, "stop_reason": getattr(est, "stop_reason_", None),
+        "seconds": seconds, "selection": getattr(est, "selection_", None),
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
@@ -209,6 +209,65 @@ def summary(records, methods):
     return "\n".join(lines), "\n".join(diffs), table
 
 
+def bar(table, default="default", refine="refine", carrot="carrot", budget=None):
+    """The default against the paper-protocol methods: accuracy >= max(refine, CARROT) - 0.5, and its spending.
+
+    The search "pays" on a test set where CARROT beats refine-only with a paired 95% interval above 0; where
+    it does not, the default should spend at most a quarter of the budget.
+    """
+    from skcarrot.presets import budget_for_shots
+
+    lines = [f"| test set | shots | {refine} | {carrot} | {default} | queries ({default}) | search pays | "
+             "accuracy bar | spending bar |", "|---|---|---|---|---|---|---|---|---|"]
+    passed = failed = 0
+    for (test, shots) in sorted(table, key=lambda k: (k[0], k[1])):
+        row = table[(test, shots)]
+        if not all(m in row for m in (refine, carrot, default)):
+            continue
+        seeds = sorted(set(row[refine]) & set(row[carrot]) & set(row[default]))
+        if len(seeds) < 2:
+            continue
+        acc = {m: np.mean([row[m][s][0] for s in seeds]) for m in (refine, carrot, default)}
+        queries = np.mean([row[default][s][1] for s in seeds])
+        cap = budget(shots) if budget else budget_for_shots(shots)
+        _, lo, _ = interval([row[carrot][s][0] - row[refine][s][0] for s in seeds])
+        pays = lo > 0
+        ok_acc = acc[default] >= max(acc[refine], acc[carrot]) - 0.5
+        ok_spend = pays or queries <= 0.25 * cap + 1
+        passed += ok_acc + ok_spend
+        failed += (not ok_acc) + (not ok_spend)
+        lines.append(f"| {test} | {shots} | {acc[refine]:.1f} | {acc[carrot]:.1f} | {acc[default]:.1f} | "
+                     f"{queries:.0f} of {cap} | {'yes' if pays else 'no'} | {'ok' if ok_acc else 'MISSED'} | "
+                     f"{'ok' if ok_spend else 'MISSED'} |")
+    lines.append(f"\n{passed} checks met, {failed} missed")
+    return "\n".join(lines)
+
+
+def compact(table, methods):
+    """One row per (test set, shots): mean accuracy of each method; the default's queries; CARROT - refine-only."""
+    head = ["test set", "shots", *methods, "CARROT − refine-only (95% interval)", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (test, shots) in sorted(table, key=lambda k: (k[0].split("@")[0], "@" in k[0], k[0], k[1])):
+        row = table[(test, shots)]
+        cells = []
+        for m in methods:
+            values = row.get(m, {})
+            if not values:
+                cells.append("")
+                continue
+            acc = np.mean([v[0] for v in values.values()])
+            queries = np.mean([v[1] for v in values.values()])
+            cells.append(f"{acc:.1f}" + (f" ({queries:.0f} q)" if m in ("default", "text_default") else ""))
+        seeds = sorted(set(row.get("carrot", {})) & set(row.get("refine", {})))
+        if len(seeds) >= 2:
+            mean, lo, hi = interval([row["carrot"][s][0] - row["refine"][s][0] for s in seeds])
+            cells += [f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]", str(len(seeds))]
+        else:
+            cells += ["", str(len(seeds))]
+        lines.append(f"| {test} | {shots} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(table, methods, path):
     import matplotlib
 
@@ -246,6 +305,7 @@ def main():
     parser.add_argument("--out", default="bench_output/when_it_pays")
     parser.add_argument("--plot", default=None)
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--markdown", default=None, help="write the compact table and the bars to this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -256,7 +316,11 @@ def main():
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = {pool.submit(run_cell, *c): c for c in todo}
             for i, future in enumerate(as_completed(futures), 1):
-                r = future.result()
+                try:
+                    r = future.result()
+                except Exception as exc:  # one failed cell does not stop the study; a rerun retries it
+                    print(f"[{i}/{len(todo)}] {futures[future][1:]} failed: {exc!r}", flush=True)
+                    continue
                 print(f"[{i}/{len(todo)}] {r['task']} {r['shots']} shots seed {r['seed']} {r['method']}: "
                       f"{100 * r['accuracy'][r['task']]:.1f}% {r['queries']} q {r['seconds']:.1f}s", flush=True)
     records = [r for r in load(args.out) if r["method"] in args.methods and r["seed"] in args.seeds
@@ -266,6 +330,14 @@ def main():
     print(means)
     print()
     print(diffs)
+    print()
+    print(bar(table))
+    print()
+    print(bar(table, "text_default", "text_refine", "text_carrot", budget=lambda shots: 250))
+    if args.markdown:
+        Path(args.markdown).write_text(compact(table, methods) + "\n\n" + bar(table) + "\n\n"
+                                       + bar(table, "text_default", "text_refine", "text_carrot",
+                                             budget=lambda shots: 250) + "\n")
     if args.plot:
         plot(table, methods, args.plot)
 
