@@ -18,7 +18,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
 from ._math import softmax
-from .images import to_pil_images
+from .images import flat_width, to_pil_images
 
 __all__ = [
     "ImageClassifierMixin",
@@ -221,6 +221,17 @@ class ImageClassifierMixin(ClassifierMixin):
     A classifier provides ``_scores(X)``: logits ``(n_samples, n_classes)`` in
     ``classes_`` order.
     """
+
+    def _check_X(self, X: Any) -> list:
+        """``X`` as PIL images, with the width of array input checked against the fit's."""
+        images = to_pil_images(X, getattr(self, "image_range", None))
+        width = flat_width(X)
+        if width is not None and hasattr(self, "n_features_in_") and width != self.n_features_in_:
+            raise ValueError(
+                f"X has {width} features, but {type(self).__name__} is "
+                f"expecting {self.n_features_in_} features as input"
+            )
+        return images
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities of each image.

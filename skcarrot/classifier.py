@@ -33,7 +33,7 @@ from ._validation import ImageClassifierMixin, check_images_and_labels, resolve_
 from ._vocabulary import warn_if_unknown_to
 from .backends.embedded import resolve_backend
 from .doors import door_named, fitted_attribute_names, pick_door
-from .images import AUGMENTATIONS, flat_width, to_pil_images
+from .images import AUGMENTATIONS, flat_width
 from .refiner import refine_logits
 
 __all__ = ["CarrotClassifier"]
@@ -204,6 +204,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     n_images_scored_ : int
         Images sent to the black box by the last ``fit``, summed over calls:
         its cost in image forward passes.
+    n_pairs_scored_ : int
+        Prompt x image pairs scored: the calls a one-image-per-call endpoint
+        (``ZeroShotHTTPBackend``) receives, and bills.
     history_ : list of dict
         One entry per generation: ``generation``, ``queries`` (spent so far),
         ``best_fitness``, ``mean_fitness``, ``refiner_loss``, ``train_accuracy``
@@ -313,16 +316,6 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.warm_start = warm_start
 
-    def _check_X(self, X) -> list:
-        images = to_pil_images(X, self.image_range)
-        width = flat_width(X)
-        if width is not None and hasattr(self, "n_features_in_") and width != self.n_features_in_:
-            raise ValueError(
-                f"X has {width} features, but {type(self).__name__} is "
-                f"expecting {self.n_features_in_} features as input"
-            )
-        return images
-
     def _previous_fit(self, classes: np.ndarray, door: str) -> PreviousFit | None:
         """What a warm start continues from (None for a new fit); refuses a changed class set or door."""
         if not (self.warm_start and hasattr(self, "classes_")):
@@ -403,6 +396,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             for purpose in ("screen", "prompt", "refiner", "validation", "pilot")
         }
         self.n_images_scored_ = counter.n_images_scored
+        self.n_pairs_scored_ = counter.n_pairs_scored
         self.history_ = run.history
         self.n_iter_ = loop.generation
         self._kl_until = loop.kl_until
