@@ -1,4 +1,8 @@
-"""What crosses the network, written once for both sides: image content ids and the array codec.
+"""What crosses the network, written once for both sides: image content ids and the array codecs.
+
+Arrays travel in JSON (:func:`encode_array`: raw bytes in base64) or, for an
+answer whose client accepts it, as :data:`RAW_MEDIA_TYPE` (:func:`encode_raw`:
+one line of JSON, then the array's bytes as they are).
 
 The client (:class:`~skcarrot.backends.HTTPBackend`) and the server
 (``skcarrot serve``) both import this module; neither imports the other. Errors
@@ -12,11 +16,26 @@ import base64
 import binascii
 import hashlib
 import io
+import json
 from typing import Any
 
 import numpy as np
 
-__all__ = ["WireFormatError", "decode_array", "encode_array", "image_content_id", "png_base64"]
+__all__ = [
+    "RAW_MEDIA_TYPE",
+    "WireFormatError",
+    "accepts_raw",
+    "decode_array",
+    "decode_raw",
+    "encode_array",
+    "encode_raw",
+    "image_content_id",
+    "png_base64",
+]
+
+#: Media type of an answer as one line of JSON, a newline, then the raw bytes of the array it
+#: describes (see :func:`encode_raw`); a client asks for it in its ``Accept`` header.
+RAW_MEDIA_TYPE = "application/x-skcarrot-raw"
 
 #: Most items an array on the wire may hold.
 MAX_ARRAY_ITEMS = 50_000_000
@@ -108,6 +127,105 @@ def encode_array(arr: np.ndarray) -> dict[str, Any]:
     else:
         raw, dtype = arr.astype("<f8").tobytes(), "float64"
     return {"shape": list(arr.shape), "dtype": dtype, "data": base64.b64encode(raw).decode("ascii")}
+
+
+def _exact(arr: Any) -> np.ndarray:
+    """``arr`` as little-endian float32 when that loses nothing, else as float64."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.float32:
+        return arr.astype("<f4", copy=False)
+    arr = arr.astype(np.float64, copy=False)
+    small = arr.astype(np.float32)
+    return small.astype("<f4", copy=False) if np.array_equal(small, arr) else arr.astype("<f8", copy=False)
+
+
+def encode_raw(head: dict[str, Any], field: str, arr: np.ndarray) -> bytes:
+    r"""``head`` with the array ``arr`` at ``field``, as :data:`RAW_MEDIA_TYPE` bytes.
+
+    The first line is ``head`` as JSON, where ``field`` holds the array's
+    ``{"shape", "dtype"}``; after its newline come the array's bytes (little
+    endian, C order), float32 when that is exact, like :func:`encode_array`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.wire import encode_raw
+    >>> encode_raw({"queries": 1}, "logits", np.array([[0.5, 1.0]]))
+    b'{"queries":1,"logits":{"shape":[1,2],"dtype":"float32"}}\n\x00\x00\x00?\x00\x00\x80?'
+    """
+    arr = np.ascontiguousarray(_exact(arr))
+    dtype = "float32" if arr.dtype.itemsize == 4 else "float64"
+    line = json.dumps({**head, field: {"shape": list(arr.shape), "dtype": dtype}}, separators=(",", ":"))
+    return line.encode() + b"\n" + arr.tobytes()
+
+
+def decode_raw(body: bytes, field: str, max_items: int = MAX_ARRAY_ITEMS) -> dict[str, Any]:
+    """The head of a :data:`RAW_MEDIA_TYPE` body, with its array (read-only) at ``field``.
+
+    Raises
+    ------
+    WireFormatError
+        No head line, a head that is not a JSON object describing ``field``, or
+        bytes that do not fill the array's shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.wire import decode_raw, encode_raw
+    >>> decode_raw(encode_raw({"queries": 1}, "logits", np.eye(2)), "logits")["logits"].tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    line, newline, data = bytes(body).partition(b"\n")
+    try:
+        head = json.loads(line) if newline else None
+    except ValueError:
+        head = None
+    spec = head.get(field) if isinstance(head, dict) else None
+    if not isinstance(spec, dict) or "shape" not in spec or "dtype" not in spec:
+        raise WireFormatError(f"not a {RAW_MEDIA_TYPE} body: no JSON line describing {field!r}")
+    try:
+        shape = [int(s) for s in spec["shape"]]
+    except (TypeError, ValueError):
+        raise WireFormatError(f"shape {spec['shape']!r} is not a list of integers", "shape") from None
+    if any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) > max_items:
+        raise WireFormatError(f"shape {shape} is negative or has more than {max_items} items", "shape")
+    if spec["dtype"] not in ("float32", "float64"):
+        raise WireFormatError(f"dtype must be 'float32' or 'float64', got {spec['dtype']!r}", "dtype")
+    itemsize = 4 if spec["dtype"] == "float32" else 8
+    needed = int(np.prod(shape, dtype=np.int64)) * itemsize
+    if len(data) != needed:
+        raise WireFormatError(f"data holds {len(data)} bytes but shape {shape} of {spec['dtype']} needs {needed}",
+                              "data")
+    head[field] = np.frombuffer(data, dtype="<f4" if itemsize == 4 else "<f8").reshape(shape)
+    return head
+
+
+def accepts_raw(accept: str | None) -> bool:
+    """Whether an ``Accept`` header names :data:`RAW_MEDIA_TYPE` (with a non-zero ``q``).
+
+    Examples
+    --------
+    >>> from skcarrot.wire import accepts_raw
+    >>> accepts_raw("application/x-skcarrot-raw, application/json;q=0.5"), accepts_raw("application/json")
+    (True, False)
+    >>> accepts_raw("application/x-skcarrot-raw;q=0")
+    False
+    """
+    if not accept or RAW_MEDIA_TYPE not in accept:
+        return False
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        if media.lower() != RAW_MEDIA_TYPE:
+            continue
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
 
 
 def _part(value: Any, name: str) -> Any:

@@ -116,7 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     server = Server(
         settings=s,
         db=db,
-        ledger=Ledger(db, s.rate_window_s, s.idempotency_ttl_s, s.answer_ttl_s, s.max_answer_bytes_per_key),
+        ledger=Ledger(db, s.rate_window_s, s.idempotency_ttl_s, s.answer_ttl_s, s.max_answer_bytes_per_key,
+                      s.answer_hold_s),
         images=ImageStore(
             db,
             lambda raw: open_image(raw, max_pixels),
@@ -138,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await run_in_threadpool(lambda: server.scorer.context_shape)
         logger.info("serving %s, ledger %s", server.scorer.model_id, db.engine.url.render_as_string())
         yield
+        server.ledger.answers.close()  # answers not acknowledged yet are written down
         db.dispose()
 
     app = FastAPI(

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from ..wire import RAW_MEDIA_TYPE, accepts_raw
 from .deps import Acknowledged, CallerDigest, CurrentKey, IdempotencyKey, Server, ServerDep
 from .errors import ApiError, invalid, retry_after_header
 from .idempotency import IdempotencyConflict, fingerprint
@@ -27,7 +28,7 @@ from .ledger import BudgetExceeded, KeyRecord, KeyRevoked, RateLimited
 from .schemas import ErrorResponse
 from .scorer import ModelOutputError
 
-__all__ = ["Job", "ChargedRequest", "ChargedRequestDep", "CHARGED_ERRORS", "revoked_error"]
+__all__ = ["Job", "ChargedRequest", "ChargedRequestDep", "RawChargedRequestDep", "CHARGED_ERRORS", "revoked_error"]
 
 logger = logging.getLogger("skcarrot.serve")
 
@@ -52,15 +53,17 @@ class Job:
     """A checked request: what it costs and how to answer it.
 
     ``n_prompts`` is what the request is billed (queries, in the unit of its
-    endpoint); ``compute(remaining)`` runs the model and returns the JSON
-    answer, ``remaining`` being the key's budget after this charge; ``loc``
-    names the field a refusal of the model's answer points at.
+    endpoint); ``compute(remaining)`` runs the model and returns the answer
+    (JSON-ready, or bytes of ``media_type``), ``remaining`` being the key's
+    budget after this charge; ``loc`` names the field a refusal of the model's
+    answer points at.
     """
 
     n_prompts: int
     n_images: int
     compute: Callable[[int], Any]
     loc: tuple = ("body",)
+    media_type: str = "application/json"
 
 
 def _refusal(exc: Exception) -> tuple[str, ApiError]:
@@ -92,7 +95,12 @@ def _refusal(exc: Exception) -> tuple[str, ApiError]:
 
 @dataclass(frozen=True)
 class ChargedRequest:
-    """One charged request: its server, key, ``Idempotency-Key``, fingerprint, and the answers it acknowledges."""
+    """One charged request: its server, key, ``Idempotency-Key``, fingerprint, and the answers it acknowledges.
+
+    ``raw``: None for an endpoint that answers JSON only; else whether the client
+    accepts answers as :data:`~skcarrot.wire.RAW_MEDIA_TYPE` (the fingerprint then
+    says so, so a retry is replayed in the form it was first answered).
+    """
 
     server: Server
     key: KeyRecord
@@ -100,11 +108,25 @@ class ChargedRequest:
     fingerprint: str
     key_hash: str | None = None
     acknowledged: tuple[str, ...] = ()
+    raw: bool | None = None
 
-    async def run(self, prepare: Callable[[], Job]) -> Response:
-        """In one of the key's slots: check the request with ``prepare()`` (422s), then charge and answer it."""
-        async with self.server.slots.hold(self.key.id):
-            return await run_in_threadpool(lambda: self.answer(prepare()))
+    async def run(self, prepare: Callable[[], Job], route: str = "", small: bool = False) -> Response:
+        """In one of the key's slots: check the request with ``prepare()`` (422s), then charge and answer it.
+
+        In a pool thread; a ``small`` request of ``route`` may run in the event loop's own
+        thread instead (see :class:`~skcarrot.serve.deps.InlinePolicy`).
+        """
+        server = self.server
+        async with server.slots.hold(self.key.id):
+            inline = small and server.inline.allows(route, server.metrics.in_flight)
+            start = time.perf_counter()
+            try:
+                if inline:
+                    return self.answer(prepare())
+                return await run_in_threadpool(lambda: self.answer(prepare()))
+            finally:
+                if small:
+                    server.inline.record(route, time.perf_counter() - start)
 
     def answer(self, job: Job) -> Response:
         """Charge ``job.n_prompts`` queries, run ``job.compute(remaining)``, store and return its JSON.
@@ -137,10 +159,10 @@ class ChargedRequest:
         if charge.kind == "replay":
             metrics.replays.inc()
             logger.info("key %d: replayed idempotent request", key.id)
-            return Response(charge.response, media_type="application/json", headers={"Idempotent-Replayed": "true"})
+            return Response(charge.response, media_type=job.media_type, headers=self._headers(True))
         try:
             payload = job.compute(charge.remaining)
-            body = json.dumps(payload, separators=(",", ":")).encode()
+            body = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
         except ApiError:
             self._refund(charge.kind, job)
             raise
@@ -163,10 +185,16 @@ class ChargedRequest:
         if charge.kind == "new":
             metrics.queries.inc(n_prompts)
             metrics.images_scored.inc(n_images)
-        # The answer is stored for retries after it is sent, while the client works on it: a
-        # retry that comes first finds the charge without an answer and reruns the model, free.
-        store = BackgroundTask(ledger.answers.store, key.id, idem, body) if idem is not None else None
-        return Response(body, media_type="application/json", background=store)
+        # Kept for retries until the client acknowledges it: held in memory, written to the
+        # ledger only if no acknowledgement comes soon (see IdempotencyStore.hold).
+        ledger.answers.hold(key.id, idem, body)
+        return Response(body, media_type=job.media_type, headers=self._headers(False))
+
+    def _headers(self, replayed: bool) -> dict[str, str]:
+        headers = {} if self.raw is None else {"Vary": "Accept"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return headers
 
     def _refund(self, kind: str, job: Job) -> None:
         # Only a charge taken by this attempt is given back; a resumed attempt's charge stays
@@ -188,4 +216,20 @@ async def charged_request(
     return ChargedRequest(server, key, idem, body, digest, tuple(acks))
 
 
+async def raw_charged_request(
+    request: Request,
+    server: ServerDep,
+    key: CurrentKey,
+    digest: CallerDigest,
+    idem: IdempotencyKey,
+    acks: Acknowledged,
+) -> ChargedRequest:
+    """As :func:`charged_request`, for an endpoint that answers :data:`~skcarrot.wire.RAW_MEDIA_TYPE` to a
+    client that accepts it."""
+    raw = accepts_raw(request.headers.get("accept"))
+    path = f"{request.url.path};{RAW_MEDIA_TYPE}" if raw else request.url.path
+    return ChargedRequest(server, key, idem, fingerprint(path, await request.body()), digest, tuple(acks), raw)
+
+
 ChargedRequestDep = Annotated[ChargedRequest, Depends(charged_request)]
+RawChargedRequestDep = Annotated[ChargedRequest, Depends(raw_charged_request)]

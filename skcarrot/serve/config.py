@@ -116,6 +116,11 @@ class Settings:
         an answer larger than a quarter of it is not stored. A retry of a
         request whose answer was dropped (acknowledged, expired, over this cap
         or too large) is scored again, free.
+    answer_hold_s : float, default=2.0
+        Seconds an answer is held in the server's memory, waiting for the
+        client to acknowledge it, before it is written to the ledger (so that a
+        restarted server, or another on the same ledger, replays it too); an
+        acknowledged answer is never written. 0 writes every answer at once.
     image_ttl_s : float, default=7 days
         How long an uploaded image is kept (from its upload).
     max_image_bytes_per_key : int, default=256 MiB
@@ -151,6 +156,7 @@ class Settings:
     idempotency_ttl_s: float = 7 * 24 * 3600.0
     answer_ttl_s: float = 3600.0
     max_answer_bytes_per_key: int = 32 * 1024 * 1024
+    answer_hold_s: float = 2.0
     image_ttl_s: float = 7 * 24 * 3600.0
     max_image_bytes_per_key: int = 256 * 1024 * 1024
     max_image_bytes_total: int = 4 * 1024 * 1024 * 1024

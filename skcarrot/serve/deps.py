@@ -32,6 +32,7 @@ __all__ = [
     "ScorerDep",
     "MetricsDep",
     "KeySlots",
+    "InlinePolicy",
     "CurrentKey",
     "CallerDigest",
     "IdempotencyKey",
@@ -106,6 +107,50 @@ class KeySlots:
                 del self._keys[key_id]
 
 
+class InlinePolicy:
+    """Which charged requests run in the event loop's own thread instead of the thread pool.
+
+    Handing a request to a pool thread and back wakes two threads; on a busy
+    machine each wake-up can wait for a scheduler slice, milliseconds a request.
+    A small request (at most one model call's worth of work, no large upload)
+    runs in the loop's thread when nothing else is in flight in this process, so
+    it holds up nobody but a request arriving meanwhile, and only while this
+    endpoint's recent requests took at most ``max_s`` (an estimate kept per
+    endpoint from every request it ran, here or in the pool; one slower request
+    sends the next ones back to the pool).
+
+    Examples
+    --------
+    >>> from skcarrot.serve.deps import InlinePolicy
+    >>> policy = InlinePolicy(max_s=0.02)
+    >>> policy.allows("/v1/score", in_flight=1)  # no estimate yet: the pool, which measures it
+    False
+    >>> policy.record("/v1/score", 0.005)
+    >>> policy.allows("/v1/score", in_flight=1), policy.allows("/v1/score", in_flight=2)
+    (True, False)
+    >>> policy.record("/v1/score", 0.5)
+    >>> policy.allows("/v1/score", in_flight=1)
+    False
+    """
+
+    def __init__(self, max_s: float = 0.025) -> None:
+        self.max_s = float(max_s)
+        self._seconds: dict[str, float] = {}
+
+    def allows(self, route: str, in_flight: int) -> bool:
+        """Whether a small request of ``route`` runs inline, ``in_flight`` requests (itself included) being in flight."""
+        estimate = self._seconds.get(route)
+        return in_flight <= 1 and estimate is not None and estimate <= self.max_s
+
+    def record(self, route: str, seconds: float) -> None:
+        """A request of ``route`` took ``seconds`` of work."""
+        before = self._seconds.get(route)
+        if before is None or seconds > self.max_s:
+            self._seconds[route] = seconds
+        else:
+            self._seconds[route] = 0.75 * before + 0.25 * seconds
+
+
 @dataclass
 class Server:
     """Everything one application holds: settings, database, ledger, images, model, metrics."""
@@ -118,6 +163,7 @@ class Server:
     metrics: Metrics
     keys: KeyCache = field(default_factory=KeyCache)
     slots: KeySlots = field(default_factory=KeySlots)
+    inline: InlinePolicy = field(default_factory=InlinePolicy)
 
 
 # Dependencies that do no I/O are ``async``: FastAPI would run a plain ``def`` in the

@@ -129,6 +129,25 @@ class ImageStore:
         self._lock = threading.Lock()
         self._last_prune = 0.0
         self._prune_lock = threading.Lock()
+        # The statements of every upload, built once (SQLAlchemy then skips most of its work per call).
+        key = sa.bindparam("b_key_id")
+        self._lock_key = db.for_update(sa.select(keys_table.c.id).where(keys_table.c.id == key))
+        self._expired = (
+            sa.select(images_table.c.key_id, sa.func.sum(images_table.c.nbytes).label("nbytes"))
+            .where(images_table.c.created_at < sa.bindparam("b_before"), images_table.c.key_id == key)
+            .group_by(images_table.c.key_id)
+        )
+        self._known = sa.select(images_table.c.image_id).where(
+            images_table.c.key_id == key, images_table.c.image_id.in_(sa.bindparam("b_ids", expanding=True))
+        )
+        self._key_bytes_used = sa.select(keys_table.c.image_bytes).where(keys_table.c.id == key)
+        self._all_bytes_used = sa.select(sa.func.coalesce(sa.func.sum(keys_table.c.image_bytes), 0))
+        self._insert = images_table.insert()
+        self._charge_bytes = (
+            keys_table.update()
+            .where(keys_table.c.id == key)
+            .values(image_bytes=keys_table.c.image_bytes + sa.bindparam("b_bytes", type_=sa.BigInteger))
+        )
 
     # -- database -----------------------------------------------------------------------
 
@@ -193,20 +212,14 @@ class ImageStore:
     def _add(self, key_id: int, files: dict[str, bytes], now: float) -> list[str]:
         with self.db.begin() as conn:
             # the key's row, locked: its quota is checked and charged by one transaction at a time
-            conn.execute(self.db.for_update(sa.select(keys_table.c.id).where(keys_table.c.id == key_id))).one()
-            self._drop_expired(conn, now, key_id)
+            conn.execute(self._lock_key, {"b_key_id": key_id}).one()
+            if conn.execute(self._expired, {"b_key_id": key_id, "b_before": now - self.ttl_s}).first() is not None:
+                self._drop_expired(conn, now, key_id)
             ids = list(files)
             known = set()
             for start in range(0, len(ids), _CHUNK):
-                chunk = ids[start : start + _CHUNK]
-                known.update(
-                    r.image_id
-                    for r in conn.execute(
-                        sa.select(images_table.c.image_id).where(
-                            images_table.c.key_id == key_id, images_table.c.image_id.in_(chunk)
-                        )
-                    )
-                )
+                rows = conn.execute(self._known, {"b_key_id": key_id, "b_ids": ids[start : start + _CHUNK]})
+                known.update(r.image_id for r in rows)
             rows = [
                 {"key_id": key_id, "image_id": image_id, "png": raw, "created_at": now, "nbytes": len(raw)}
                 for image_id, raw in files.items()
@@ -215,17 +228,15 @@ class ImageStore:
             if not rows:
                 return []
             needed = sum(r["nbytes"] for r in rows)
-            used = int(conn.execute(sa.select(keys_table.c.image_bytes).where(keys_table.c.id == key_id)).scalar_one())
+            used = int(conn.execute(self._key_bytes_used, {"b_key_id": key_id}).scalar_one())
             if self.max_bytes_per_key is not None and used + needed > self.max_bytes_per_key:
                 raise ImageQuotaExceeded("key", needed, used, int(self.max_bytes_per_key))
             if self.max_bytes_total is not None:
-                everyone = sa.select(sa.func.coalesce(sa.func.sum(keys_table.c.image_bytes), 0))
-                total = int(conn.execute(everyone).scalar_one())
+                total = int(conn.execute(self._all_bytes_used).scalar_one())
                 if total + needed > self.max_bytes_total:
                     raise ImageQuotaExceeded("total", needed, total, int(self.max_bytes_total))
-            conn.execute(images_table.insert(), rows)
-            charged = keys_table.c.image_bytes + needed
-            conn.execute(keys_table.update().where(keys_table.c.id == key_id).values(image_bytes=charged))
+            conn.execute(self._insert, rows)
+            conn.execute(self._charge_bytes, {"b_key_id": key_id, "b_bytes": needed})
             return [r["image_id"] for r in rows]
 
     def _drop_expired(self, conn, now: float, key_id: int | None = None) -> None:

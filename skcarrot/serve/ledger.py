@@ -151,6 +151,9 @@ class Ledger:
         How long an answer not yet acknowledged is kept to replay.
     max_answer_bytes_per_key : int, default=32 MiB
         Most bytes of stored answers per key; the oldest are dropped first.
+    answer_hold_s : float, default=2.0
+        Seconds an answer is held in memory, waiting for its acknowledgement,
+        before it is written to the database.
 
     Attributes
     ----------
@@ -177,13 +180,29 @@ class Ledger:
         idempotency_ttl_s: float = 7 * 24 * 3600.0,
         answer_ttl_s: float = 3600.0,
         max_answer_bytes_per_key: int = 32 * 1024 * 1024,
+        answer_hold_s: float = 2.0,
     ) -> None:
         self.db = db if isinstance(db, Database) else Database(db)
         self.rate_window_s = float(rate_window_s)
-        self.answers = IdempotencyStore(self.db, idempotency_ttl_s, answer_ttl_s, max_answer_bytes_per_key)
+        self.answers = IdempotencyStore(self.db, idempotency_ttl_s, answer_ttl_s, max_answer_bytes_per_key,
+                                        hold_s=answer_hold_s)
+        # The statements of every charge, built once (SQLAlchemy then skips most of its work per call).
+        self._select_key = self.db.for_update(sa.select(keys_table).where(keys_table.c.id == sa.bindparam("key_id")))
+        self._charge_key = (
+            keys_table.update()
+            .where(keys_table.c.id == sa.bindparam("b_key_id"))
+            .values(
+                prompts_used=keys_table.c.prompts_used + sa.bindparam("b_prompts", type_=sa.BigInteger),
+                images_used=keys_table.c.images_used + sa.bindparam("b_images", type_=sa.BigInteger),
+                requests=keys_table.c.requests + 1,
+                window_start=sa.bindparam("b_window_start", type_=sa.Float),
+                window_used=sa.bindparam("b_window_used", type_=sa.BigInteger),
+            )
+        )
 
     def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Write the answers held in memory, and close every pooled connection."""
+        self.answers.close()
         self.db.dispose()
 
     # -- keys ---------------------------------------------------------------------------
@@ -320,7 +339,7 @@ class Ledger:
     # -- charging -----------------------------------------------------------------------
 
     def _locked_key(self, conn, key_id: int):
-        return conn.execute(self.db.for_update(sa.select(keys_table).where(keys_table.c.id == key_id))).one()
+        return conn.execute(self._select_key, {"key_id": key_id}).one()
 
     def begin_charge(
         self,
@@ -391,15 +410,9 @@ class Ledger:
             if limit is not None and n_prompts > 0 and window_used + n_prompts > int(limit):
                 raise RateLimited(max(0.0, window_start + self.rate_window_s - now), int(limit), self.rate_window_s)
             conn.execute(
-                keys_table.update()
-                .where(keys_table.c.id == key_id)
-                .values(
-                    prompts_used=keys_table.c.prompts_used + n_prompts,
-                    images_used=keys_table.c.images_used + n_images,
-                    requests=keys_table.c.requests + 1,
-                    window_start=window_start,
-                    window_used=window_used + n_prompts,
-                )
+                self._charge_key,
+                {"b_key_id": key_id, "b_prompts": n_prompts, "b_images": n_images, "b_window_start": window_start,
+                 "b_window_used": window_used + n_prompts},
             )
             if idempotency_key is not None:
                 self.answers.reserve(conn, key_id, idempotency_key, fingerprint, n_prompts, n_images, now)

@@ -43,6 +43,10 @@ class Metrics:
         self.image_cache_bytes = Gauge(
             "skcarrot_image_cache_bytes", "Bytes of decoded images in memory", registry=self.registry
         )
+        #: HTTP requests in flight in this process (kept by :class:`MetricsMiddleware`).
+        self.in_flight = 0
+        in_flight = Gauge("skcarrot_requests_in_flight", "HTTP requests in flight", registry=self.registry)
+        in_flight.set_function(lambda: self.in_flight)
 
     def render(self) -> bytes:
         if metrics_multiprocess_dir():
@@ -71,9 +75,11 @@ class MetricsMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        self.metrics.in_flight += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.metrics.in_flight -= 1
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(name, scope.get("method", ""), str(status["code"])).inc()

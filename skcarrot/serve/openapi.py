@@ -100,6 +100,10 @@ def openapi_schema(base: dict, settings: Settings, context_shape: tuple[int, int
     limit("MissingRequest", "ids", maxItems=4 * s.max_images_per_request)
     for model in ("ScoreRequest", "ScoreTextRequest"):
         limit(model, "image_ids", maxItems=s.max_images_per_request)
+        inline = _prop(base, model, "images")
+        for option in [] if inline is None else inline.get("anyOf", [inline]):
+            if option.get("type") == "array":
+                option["maxItems"] = s.max_images_per_request
     classes = limit("ScoreRequest", "class_names", maxItems=s.max_classes)
     if classes is not None:
         classes["items"]["maxLength"] = names

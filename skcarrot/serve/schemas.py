@@ -45,6 +45,13 @@ ImageFile = Annotated[str, Field(min_length=4, pattern=BASE64_PATTERN, descripti
 Text = Annotated[str, Field(min_length=1)]
 
 
+_INLINE_IMAGES = (
+    "Images to upload with this request, as POST /v1/images would (base64 of encoded image files, not "
+    "charged, kept within the key's image quota): `image_ids` may name them. Saves a request when a few "
+    "images are new"
+)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,6 +103,7 @@ class ScoreRequest(_Strict):
     encoding: Literal["base64", "json"] = Field(
         "base64", description="How the logits come back: an Array, or nested lists"
     )
+    images: list[ImageFile] | None = Field(None, min_length=1, description=_INLINE_IMAGES)
 
 
 class ScoreTextRequest(_Strict):
@@ -108,6 +116,7 @@ class ScoreTextRequest(_Strict):
         description="P prompt sets, each one full prompt string per class (all of one length)",
     )
     encoding: Literal["base64", "json"] = "base64"
+    images: list[ImageFile] | None = Field(None, min_length=1, description=_INLINE_IMAGES)
 
 
 class ScoreResponse(BaseModel):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Scorer", "FairLock", "ModelOutputError"]
+__all__ = ["Scorer", "FairLock", "ModelOutputError", "one_call"]
 
 # The Settings fields that say which model to serve.
 _SETTINGS = ("model_name", "pretrained", "template", "device", "backend")
@@ -78,6 +78,18 @@ class FairLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def one_call(n_prompts: int, n_images: int, n_columns: int) -> bool:
+    """Whether scoring this much is one model call (not split into pieces).
+
+    Examples
+    --------
+    >>> from skcarrot.serve.scorer import one_call
+    >>> one_call(40, 160, 10), one_call(256, 160, 10)
+    (True, False)
+    """
+    return n_prompts * n_images * n_columns <= _LOGITS_PER_CALL and n_prompts * n_columns <= _SEQUENCES_PER_CALL
 
 
 def _steps(total: int, step: int) -> list[tuple[int, int]]:
@@ -145,6 +157,9 @@ class Scorer:
         self._context_shape: tuple[int, int] | None = None
         self._turns = FairLock()
         self._reduce: Callable[[Any], Any] | None | bool = False
+        # Image sizes the reduction does not shrink (the output size of a resize and crop
+        # depends on the input size alone): such an image is kept as it is, unreduced.
+        self._not_shrunk: set[tuple[int, int]] = set()
 
     @classmethod
     def from_settings(cls, settings: Any) -> "Scorer":
@@ -215,10 +230,12 @@ class Scorer:
         """
         if self._reduce is False:
             self._reduce = self._geometry()
-        if self._reduce is None:
+        if self._reduce is None or image.size in self._not_shrunk:
             return image
         small = self._reduce(image)
         if small.size[0] * small.size[1] >= image.size[0] * image.size[1]:
+            if len(self._not_shrunk) < 4096:
+                self._not_shrunk.add(image.size)
             return image
         again = self._reduce(small)  # a fixed point, or the model would read it otherwise
         if again.size != small.size or again.tobytes() != small.tobytes():

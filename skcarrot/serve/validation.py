@@ -13,7 +13,7 @@ import io
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -199,12 +199,18 @@ def decode_upload(
     return content_id, raw, rgb
 
 
-def lookup_images(store: ImageStore, key_id: int, ids: Sequence[str]) -> list[Image.Image]:
-    """The images named by ``ids``, in order; 422 naming the first unknown id."""
+def lookup_images(
+    store: ImageStore, key_id: int, ids: Sequence[str], sent: Mapping[str, Image.Image] | None = None
+) -> list[Image.Image]:
+    """The images named by ``ids``, in order; 422 naming the first unknown id.
+
+    ``sent``: images uploaded with the request itself, by content id (not looked up).
+    """
     try:
-        found = store.fetch(key_id, ids)
+        found = store.fetch(key_id, [i for i in ids if i not in sent] if sent else ids)
     except StoredImageUnreadable as exc:
         raise invalid(("stored", exc.image_id), str(exc.cause), getattr(exc.cause, "kind", "value_error")) from None
+    found.update(sent or {})
     unknown = [(i, image_id) for i, image_id in enumerate(ids) if image_id not in found]
     if unknown:
         index, first = unknown[0]

@@ -41,6 +41,7 @@ from ...exceptions import (
     RemoteValidationError,
 )
 from ...wire import RAW_MEDIA_TYPE, WireFormatError, decode_raw
+from ._plain import plain_client_for
 
 __all__ = ["RETRY_STATUSES", "RemoteClient", "error_text", "retry_after_seconds"]
 
@@ -326,7 +327,9 @@ class RemoteClient(BaseEstimator):
                             f"{type(self).__name__} needs httpx: pip install httpx (or 'skcarrot[serve]')"
                         ) from exc
                     most, alive = self._connection_limits()
-                    state["client"] = httpx.Client(
+                    # plain http (a server on this host or network): a lean client, a fraction of
+                    # httpx's work per request; https and proxies: httpx
+                    state["client"] = plain_client_for(self.url, self.timeout, alive) or httpx.Client(
                         timeout=self.timeout, limits=httpx.Limits(max_connections=most, max_keepalive_connections=alive)
                     )
         return state["client"]

@@ -133,7 +133,7 @@ class HTTPBackend(RemoteClient):
     # -- what the client needs (see RemoteClient) ------------------------------------------
 
     def _new_state(self) -> dict:
-        return {"uploaded": set(), "ids": {}, "info": None, "billed": 0}
+        return {"uploaded": set(), "ids": {}, "info": None, "billed": 0, "inline": None}
 
     @property
     def n_billed_(self) -> int:
@@ -199,10 +199,7 @@ class HTTPBackend(RemoteClient):
     def _upload(self, images: Sequence[Any], ids: list[str]) -> None:
         """Upload the images the server does not have yet (each distinct one once)."""
         uploaded = self._runtime()["uploaded"]
-        first: dict[str, Any] = {}
-        for img, cid in zip(images, ids):
-            if cid not in uploaded and cid not in first:
-                first[cid] = img
+        first = self._unknown(images, ids)
         if not first:
             return
         limits = self._limits()
@@ -242,25 +239,62 @@ class HTTPBackend(RemoteClient):
                 "client and server disagree on image decoding"
             )
 
+    def _unknown(self, images: Sequence[Any], ids: list[str]) -> dict[str, Any]:
+        """The distinct images not uploaded yet, by content id."""
+        uploaded = self._runtime()["uploaded"]
+        first: dict[str, Any] = {}
+        for img, cid in zip(images, ids):
+            if cid not in uploaded and cid not in first:
+                first[cid] = img
+        return first
+
+    def _inline(self, first: dict[str, Any]) -> list[str] | None:
+        """Files of the new images to send with the scoring request itself, or None to upload them first.
+
+        A few small images (an augmented view or two) go with the request: a request saved. Not
+        inside :meth:`idempotency_scope`: a resumed run must send each request as it did the first
+        time, whatever this process has uploaded since.
+        """
+        if not first or self._runtime()["inline"] is False or self._scoped():
+            return None
+        limits = self._limits()
+        if len(first) > int(limits["max_images_per_request"]):
+            return None
+        if sum(img.size[0] * img.size[1] for img in first.values()) > _ASK_FIRST_PIXELS:
+            return None
+        files = [png_base64(img) for img in first.values()]
+        return files if sum(len(f) + 16 for f in files) <= int(limits["max_body_bytes"]) // 4 else None
+
     def _with_images(self, images: Sequence[Any], send) -> Any:
+        """``send(ids, files)``: the images' content ids, and the files of new ones to send along (or None)."""
         images = list(images)
         if not images:
             raise ValueError("expected at least one image to score, got none")
         ids = self._content_ids(images)
-        self._upload(images, ids)
-        try:
-            return send(ids)
-        except RemoteValidationError as exc:
-            # The server lost images this client uploaded (another server, a wiped ledger):
-            # upload them again, once.
-            if not any(
-                isinstance(d, dict) and d.get("type") == "value_error.unknown_image"
-                for d in (exc.detail if isinstance(exc.detail, list) else [])
-            ):
-                raise
-            self._runtime()["uploaded"].difference_update(ids)
+        first = self._unknown(images, ids)
+        files = self._inline(first)
+        if files is None:
             self._upload(images, ids)
-            return send(ids)
+        state = self._runtime()
+        try:
+            out = send(ids, files)
+        except RemoteValidationError as exc:
+            details = [d for d in (exc.detail if isinstance(exc.detail, list) else []) if isinstance(d, dict)]
+            if files is not None and any(d.get("type") == "extra_forbidden" and list(d.get("loc", []))[:2]
+                                         == ["body", "images"] for d in details):
+                # a server that takes no images with a scoring request: upload them first, from now on
+                state["inline"] = False
+            elif any(d.get("type") == "value_error.unknown_image" for d in details):
+                # The server lost images this client uploaded (another server, a wiped ledger):
+                # upload them again, once.
+                state["uploaded"].difference_update(ids)
+            else:
+                raise
+            self._upload(images, ids)
+            return send(ids, None)
+        if files is not None:
+            state["uploaded"].update(first)
+        return out
 
     # -- the door ---------------------------------------------------------------------------
 
@@ -303,11 +337,11 @@ class HTTPBackend(RemoteClient):
             parts = [encode_array(offsets)]  # float32 offsets go as float32, exactly
         keys = [self._next_key() for _ in parts]  # the same if the request must be sent again
 
-        def send(ids: list[str]) -> np.ndarray:
-            return np.concatenate([
-                self._charged("/v1/score", {"image_ids": ids, "class_names": names, "offsets": part}, key)
-                for part, key in zip(parts, keys)
-            ])
+        def send(ids: list[str], files: list[str] | None) -> np.ndarray:
+            payloads = [{"image_ids": ids, "class_names": names, "offsets": part} for part in parts]
+            if files:
+                payloads[0]["images"] = files  # new images go with the first request
+            return np.concatenate([self._charged("/v1/score", payload, key) for payload, key in zip(payloads, keys)])
 
         return self._with_images(images, send)
 
@@ -326,10 +360,12 @@ class HTTPBackend(RemoteClient):
         ]
         keys = [self._next_key() for _ in chunks]
 
-        def send(ids: list[str]) -> np.ndarray:
+        def send(ids: list[str], files: list[str] | None) -> np.ndarray:
+            payloads = [{"image_ids": ids, "prompts": chunk} for chunk in chunks]
+            if files:
+                payloads[0]["images"] = files  # new images go with the first request
             return np.concatenate([
-                self._charged("/v1/score-text", {"image_ids": ids, "prompts": chunk}, key)
-                for chunk, key in zip(chunks, keys)
+                self._charged("/v1/score-text", payload, key) for payload, key in zip(payloads, keys)
             ])
 
         return self._with_images(images, send)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from .. import validation
 from ..charging import revoked_error
-from ..deps import CallerDigest, CurrentKey, ImagesDep, ServerDep
+from ..deps import CallerDigest, CurrentKey, ImagesDep, Server, ServerDep
 from ..errors import ApiError, invalid
 from ..image_store import ImageQuotaExceeded
 from ..schemas import ErrorResponse, MissingRequest, MissingResponse, UploadRequest, UploadResponse
+
+__all__ = ["router", "decode_uploads", "keep_uploads"]
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 
@@ -42,15 +45,38 @@ def _quota_error(exc: ImageQuotaExceeded, settings) -> ApiError:
     )
 
 
+def decode_uploads(server: Server, files: list[str]) -> tuple[list[str], dict[str, tuple[bytes, Image.Image]]]:
+    """Decode and check base64 image files (422 naming ``body.images.i``); their content ids, in order,
+    and ``{content_id: (file_to_store, rgb_image)}``."""
+    settings = server.settings
+    validation.check_count(len(files), settings.max_images_per_request, ("body", "images"), "images")
+    ids: list[str] = []
+    uploads: dict[str, tuple[bytes, Image.Image]] = {}
+    for i, encoded in enumerate(files):
+        image_id, stored, rgb = validation.decode_upload(
+            encoded, ("body", "images", i), settings.max_image_pixels, server.scorer.reduce
+        )
+        ids.append(image_id)
+        uploads.setdefault(image_id, (stored, rgb))
+    return ids, uploads
+
+
+def keep_uploads(server: Server, key_id: int, uploads: dict[str, tuple[bytes, Image.Image]]) -> int:
+    """Keep decoded uploads for the key, within its quota and the server's (422, 507); how many were new."""
+    try:
+        return server.images.keep(key_id, uploads)
+    except ImageQuotaExceeded as exc:
+        server.metrics.refusals.labels("image_quota").inc()
+        raise _quota_error(exc, server.settings) from None
+
+
 @router.post(
     "",
     response_model=UploadResponse,
     responses=_UPLOAD_ERRORS,
     summary="Upload images; returns their content ids",
 )
-async def upload_images(
-    body: UploadRequest, server: ServerDep, images: ImagesDep, key: CurrentKey, digest: CallerDigest
-) -> UploadResponse:
+async def upload_images(body: UploadRequest, server: ServerDep, key: CurrentKey, digest: CallerDigest) -> UploadResponse:
     """Decode, check and keep each image under its content id: the sha256 of its RGB pixels
     (see :func:`skcarrot.wire.image_content_id`). Not charged, but counted against the key's
     image quota (``max_image_bytes_per_key``); a key with no budget left cannot upload.
@@ -73,20 +99,9 @@ async def upload_images(
                 budget=record.budget,
                 requested=0,
             )
-        ids: list[str] = []
-        uploads = {}
-        for i, encoded in enumerate(body.images):
-            image_id, stored, rgb = validation.decode_upload(
-                encoded, ("body", "images", i), settings.max_image_pixels, server.scorer.reduce
-            )
-            ids.append(image_id)
-            uploads.setdefault(image_id, (stored, rgb))
         # all or nothing: a bad image refuses the whole request before anything is kept
-        try:
-            return UploadResponse(ids=ids, stored=images.keep(key.id, uploads))
-        except ImageQuotaExceeded as exc:
-            server.metrics.refusals.labels("image_quota").inc()
-            raise _quota_error(exc, settings) from None
+        ids, uploads = decode_uploads(server, body.images)
+        return UploadResponse(ids=ids, stored=keep_uploads(server, key.id, uploads))
 
     async with server.slots.hold(key.id):
         return await run_in_threadpool(upload)
