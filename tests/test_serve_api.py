@@ -350,3 +350,52 @@ def test_keys_create_prints_the_key_once_and_the_ledger_keeps_its_hash(tmp_path,
     assert "alice" in listing and key not in listing
     assert main(["serve", "--db", "mysql://nowhere/x"]) == 2
     assert "cannot open the ledger" in capsys.readouterr().err
+
+
+def test_raw_answers_hold_the_json_answer_and_are_replayed_as_raw(served, key):
+    from skcarrot.wire import RAW_MEDIA_TYPE, decode_array, decode_raw
+
+    _, client, _ = served
+    ids = _upload(client, key, _image(40), _image(41))
+    as_json = _score(client, key, ids, p=3, idem="as-json")
+    raw_headers = _auth(key, **{"Idempotency-Key": "as-raw", "Accept": f"{RAW_MEDIA_TYPE}, application/json;q=0.5"})
+    body = {"image_ids": ids, "class_names": ["one", "two"], "offsets": _offsets(3)}
+    raw = client.post("/v1/score", json=body, headers=raw_headers)
+    assert raw.status_code == 200 and raw.headers["content-type"] == RAW_MEDIA_TYPE
+    assert raw.headers["vary"] == "Accept"
+    answer, expected = decode_raw(raw.content, "logits"), as_json.json()
+    np.testing.assert_array_equal(answer["logits"], decode_array(expected["logits"]))
+    assert (answer["queries"], answer["images"], answer["model"]) == (3, 2, expected["model"])
+    again = client.post("/v1/score", json=body, headers=raw_headers)
+    assert again.content == raw.content and again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["content-type"] == RAW_MEDIA_TYPE
+    # the key answered raw once: asked again for JSON, it is another request
+    assert _score(client, key, ids, p=3, idem="as-raw").status_code == 422
+    # nested lists stay JSON, whatever the client accepts
+    listed = client.post("/v1/score", json={**body, "encoding": "json"}, headers=_auth(key, Accept=RAW_MEDIA_TYPE))
+    assert listed.headers["content-type"] == "application/json"
+    assert client.get("/v1/usage", headers=_auth(key)).json()["prompts_used"] == 9
+
+
+def test_images_sent_with_a_scoring_request_are_kept_and_scored(served, key):
+    app, client, _ = served
+    known, new = _image(42), _image(43)
+    ids = _upload(client, key, known) + [image_content_id(new)]
+    r = _score(client, key, ids, p=1, images=[_png_base64(new)])
+    assert r.status_code == 200 and r.json()["images"] == 2
+    assert _score(client, key, ids, p=1).status_code == 200  # kept: named by id from now on
+    bad = _score(client, key, [image_content_id(_image(44))], p=1, images=["aGVsbG8="])
+    assert bad.status_code == 422 and _loc_of(bad) == [("body", "images", 0)]
+    missing = _score(client, key, [ids[0], image_content_id(_image(45))], p=1, images=[_png_base64(new)])
+    assert missing.status_code == 422 and _loc_of(missing) == [("body", "image_ids", 1)]
+    assert client.get("/v1/usage", headers=_auth(key)).json()["prompts_used"] == 2  # refusals cost nothing
+
+
+def test_images_over_the_quota_sent_with_a_scoring_request_are_refused_and_refunded(tmp_path):
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'l.db'}", max_image_bytes_per_key=100))
+    _, key = app.state.server.ledger.create_key("small-quota", budget=10)
+    with TestClient(app) as client:
+        img = _image(46)
+        r = _score(client, key, [image_content_id(img)], p=1, images=[_png_base64(img)])
+        assert r.status_code == 422 and r.json()["detail"][0]["type"] == "value_error.image_quota"
+        assert client.get("/v1/usage", headers=_auth(key)).json()["prompts_used"] == 0

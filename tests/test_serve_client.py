@@ -1,7 +1,11 @@
 """HTTPBackend against a live server on loopback: same fits, exact ledgers, retries, keys."""
 
 import concurrent.futures
+import json
 import pickle
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +13,7 @@ from helpers import FAST
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from servekit import thread_server  # noqa: E402
+from servekit import noise_image, thread_server  # noqa: E402
 from sklearn.base import clone  # noqa: E402
 
 from skcarrot import CarrotClassifier, HTTPBackend, QueryBudgetExceededError  # noqa: E402
@@ -301,3 +305,92 @@ def test_a_fit_resumed_from_its_checkpoint_is_charged_once_for_what_it_repeats(l
     local = CarrotClassifier(backend=embedded_backend(), **FAST).fit(Xtr, ytr)
     assert resumed.n_queries_ == local.n_queries_
     assert ledger.find_key("resumed-fit").prompts_used == resumed.n_queries_  # the repeated ones, once
+
+
+def _uploads(app):
+    return app.state.server.metrics.requests.labels("/v1/images", "POST", "200")._value.get()
+
+
+def test_new_images_go_with_the_scoring_request_or_first_to_a_server_that_takes_none(tmp_path):
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'l.db'}"))
+    refused = []
+
+    async def older(scope, receive, send):
+        # a server whose scoring requests take no images: FastAPI's 422 for a field it does not know
+        if scope["type"] != "http" or scope["path"] != "/v1/score":
+            return await app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if b'"images"' in body:
+            refused.append(body)
+            detail = [{"type": "extra_forbidden", "loc": ["body", "images"], "msg": "Extra inputs are not permitted"}]
+            await send({"type": "http.response.start", "status": 422,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps({"detail": detail}).encode()})
+            return
+        replayed = []
+
+        async def replay():
+            if not replayed:
+                replayed.append(True)
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await app(scope, replay, send)
+
+    older.state = app.state
+    ledger = app.state.server.ledger
+    images = [noise_image(seed) for seed in range(3)]
+    offsets = np.random.RandomState(0).normal(scale=0.05, size=(2, 4, 64)).astype(np.float32)
+    with thread_server(app) as url:
+        backend = HTTPBackend(url, api_key=_key(ledger, "inline"))
+        sent = backend.logits(images, ["a", "b"], offsets)
+        assert backend.n_calls_ == 2 and _uploads(app) == 0  # /v1/info, then one request with the images
+        backend.logits(images, ["a", "b"], offsets)
+        assert backend.n_calls_ == 3 and _uploads(app) == 0
+    with thread_server(older) as url:
+        backend = HTTPBackend(url, api_key=_key(ledger, "older"))
+        uploaded = backend.logits(images, ["a", "b"], offsets)
+        backend.logits([noise_image(3)], ["a", "b"], offsets)
+    assert len(refused) == 1 and _uploads(app) == 2  # refused once, then uploaded first, from then on
+    np.testing.assert_array_equal(sent, uploaded)
+    np.testing.assert_allclose(sent, embedded_backend().logits(images, ["a", "b"], offsets), atol=1e-5)
+    assert ledger.find_key("inline").prompts_used == 4 and ledger.find_key("older").prompts_used == 4
+
+
+def test_the_plain_http_client_replaces_a_kept_alive_socket_the_server_closed():
+    from skcarrot.backends.remote._plain import PlainClient, plain_client_for
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    connections = []
+
+    def serve():
+        # answers one request per connection, keeps it alive as far as the client knows, then closes it
+        for _ in range(2):
+            conn, _ = listener.accept()
+            connections.append(conn)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            answer = b'{"ok": 42}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(answer), answer))
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = plain_client_for(f"http://127.0.0.1:{port}/v1", timeout=10)
+    assert isinstance(client, PlainClient)
+    assert client.request("GET", f"http://127.0.0.1:{port}/v1/info").json() == {"ok": 42}
+    time.sleep(0.2)  # the server has closed the socket the client keeps
+    again = client.request("GET", f"http://127.0.0.1:{port}/v1/info", headers={"Accept": "application/json"})
+    assert again.status_code == 200 and again.json() == {"ok": 42}
+    thread.join(5)
+    assert len(connections) == 2
+    client.close()
+    listener.close()

@@ -187,6 +187,39 @@ def test_httpbackend_acknowledges_its_answers_so_at_most_the_last_is_stored(tmp_
     assert 0 < _answer_bytes(app, "client") <= one_answer
 
 
+def test_answers_wait_in_memory_and_only_those_not_acknowledged_in_time_are_written(tmp_path):
+    app = _app(tmp_path, answer_hold_s=0.3)
+    ledger = app.state.server.ledger
+    key_id, key = ledger.create_key("held", budget=100)
+    answers = ledger.answers
+
+    def written():
+        return answers.stored_bytes(key_id) - answers.held_bytes(key_id)
+
+    with TestClient(app) as client:
+        ids = upload(client, key, noise_image(7))
+        body = {"image_ids": ids, "class_names": ["one", "two"], "offsets": offsets_array(2, 0.02), "encoding": "json"}
+        first = client.post("/v1/score", json=body, headers=auth(key, **{"Idempotency-Key": "a"}))
+        assert answers.held_bytes(key_id) == len(first.content) and written() == 0
+        replay = client.post("/v1/score", json=body, headers=auth(key, **{"Idempotency-Key": "a"}))
+        assert replay.content == first.content and replay.headers["Idempotent-Replayed"] == "true"
+        body_b = {**body, "offsets": offsets_array(1)}
+        acked = auth(key, **{"Idempotency-Key": "b", "Idempotency-Ack": "a"})
+        second = client.post("/v1/score", json=body_b, headers=acked)
+        assert answers.held_bytes(key_id) == len(second.content) and written() == 0  # a's never reached the ledger
+        deadline = time.monotonic() + 10
+        while answers.held_bytes(key_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answers.held_bytes(key_id) == 0 and written() == len(second.content)  # not acknowledged in time
+        third = client.post("/v1/score", json=body, headers=auth(key, **{"Idempotency-Key": "c"}))
+        assert _usage(client, key)["prompts_used"] == 5
+    # the server stopped: what it held is written down, and a new one replays it
+    with TestClient(_app(tmp_path)) as restarted:
+        again = restarted.post("/v1/score", json=body, headers=auth(key, **{"Idempotency-Key": "c"}))
+        assert again.content == third.content and again.headers["Idempotent-Replayed"] == "true"
+        assert _usage(restarted, key)["prompts_used"] == 5
+
+
 def test_oversized_headers_are_refused_with_431(tmp_path):
     app = _app(tmp_path, max_header_bytes=4096)
     with TestClient(app) as client:

@@ -138,7 +138,7 @@ class InlinePolicy:
         self._seconds: dict[str, float] = {}
 
     def allows(self, route: str, in_flight: int) -> bool:
-        """Whether a small request of ``route`` runs inline, ``in_flight`` requests (itself included) being in flight."""
+        """Whether a small request of ``route`` runs inline, with ``in_flight`` requests (itself included) at work."""
         estimate = self._seconds.get(route)
         return in_flight <= 1 and estimate is not None and estimate <= self.max_s
 

@@ -306,13 +306,15 @@ class IdempotencyStore:
                 self._flushing.update(name for name, _ in due)
             if not due:
                 return 0
-            keys = {name[0] for name, _ in due}
+            moving: dict[int, int] = {}  # bytes of each key's answers on their way to the ledger
+            for (key_id, _), held in due:
+                moving[key_id] = moving.get(key_id, 0) + len(held.response)
             try:
                 with self.db.begin() as conn:
                     for (key_id, idempotency_key), held in due:
                         self._write(conn, key_id, idempotency_key, held.response)
-                    for key_id in keys:
-                        self._cap(conn, key_id)
+                    for key_id, nbytes in moving.items():
+                        self._cap(conn, key_id, moving=nbytes)
             finally:
                 with self._held_lock:
                     self._flushing.clear()
@@ -370,9 +372,9 @@ class IdempotencyStore:
                 self._cap(conn, key_id)
         self._maybe_prune()
 
-    def _cap(self, conn, key_id: int) -> None:
-        # what the key holds in memory counts too
-        cap = self.max_answer_bytes_per_key - self.held_bytes(key_id)
+    def _cap(self, conn, key_id: int, moving: int = 0) -> None:
+        # what the key holds in memory counts too (less ``moving`` bytes, just written here)
+        cap = self.max_answer_bytes_per_key - (self.held_bytes(key_id) - moving)
         held = requests_table.c.response.isnot(None)
         total = conn.execute(
             sa.select(sa.func.coalesce(sa.func.sum(requests_table.c.response_bytes), 0)).where(

@@ -2,8 +2,9 @@
 
 :class:`RemoteClient` is the base of :class:`~skcarrot.backends.HTTPBackend`
 and :class:`~skcarrot.backends.ZeroShotHTTPBackend`. It holds what they share:
-an ``httpx`` client built on first use (and built again in a forked child, whose
-parent's connections it must not reuse), retries of connection errors, timeouts,
+an HTTP client built on first use (a lean one for plain ``http://`` URLs, see
+:mod:`~skcarrot.backends.remote._plain`, else ``httpx``; built again in a forked child,
+whose parent's connections it must not reuse), retries of connection errors, timeouts,
 429 and 5xx answers with exponential backoff and full jitter (never shorter
 than the server's ``Retry-After``, in seconds or as an HTTP date), other 4xx
 raised at once, one exception family (:class:`~skcarrot.exceptions.RemoteBackendError`
@@ -329,7 +330,7 @@ class RemoteClient(BaseEstimator):
                     most, alive = self._connection_limits()
                     # plain http (a server on this host or network): a lean client, a fraction of
                     # httpx's work per request; https and proxies: httpx
-                    state["client"] = plain_client_for(self.url, self.timeout, alive) or httpx.Client(
+                    state["client"] = plain_client_for(self.url, self.timeout, most, alive) or httpx.Client(
                         timeout=self.timeout, limits=httpx.Limits(max_connections=most, max_keepalive_connections=alive)
                     )
         return state["client"]

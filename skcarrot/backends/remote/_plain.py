@@ -28,14 +28,16 @@ __all__ = ["PlainClient", "plain_client_for"]
 _DEFAULT_HEADERS = {"accept": "*/*", "connection": "keep-alive", "user-agent": "skcarrot"}
 
 
-def plain_client_for(url: str, timeout: float, max_keepalive: int) -> PlainClient | None:
+def plain_client_for(
+    url: str, timeout: float | None, max_connections: int = 32, max_keepalive: int = 16
+) -> PlainClient | None:
     """A :class:`PlainClient` for ``url``, or None where ``httpx`` must do (``https``, a proxy to go through).
 
     Examples
     --------
     >>> from skcarrot.backends.remote._plain import plain_client_for
-    >>> plain_client_for("https://example.org", 10, 4) is None
-    True
+    >>> plain_client_for("https://example.org", 10) is None, type(plain_client_for("http://127.0.0.1:8000", 10))
+    (True, <class 'skcarrot.backends.remote._plain.PlainClient'>)
     """
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
@@ -43,7 +45,7 @@ def plain_client_for(url: str, timeout: float, max_keepalive: int) -> PlainClien
     proxies = urllib.request.getproxies()
     if ("http" in proxies or "all" in proxies) and not urllib.request.proxy_bypass(parts.hostname):
         return None
-    return PlainClient(timeout, max_keepalive)
+    return PlainClient(timeout, max_connections, max_keepalive)
 
 
 def _alive(sock: socket.socket) -> bool:
@@ -62,15 +64,18 @@ class PlainClient:
     ----------
     timeout : float or None
         Seconds for connecting, and for each send and receive.
+    max_connections : int
+        Requests at once (more wait for one to finish).
     max_keepalive : int
         Idle sockets kept per server.
     """
 
-    def __init__(self, timeout: float | None, max_keepalive: int = 16) -> None:
+    def __init__(self, timeout: float | None, max_connections: int = 32, max_keepalive: int = 16) -> None:
         self.timeout = timeout
         self.max_keepalive = int(max_keepalive)
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
+        self._turns = threading.BoundedSemaphore(max(1, int(max_connections)))
 
     # -- sockets ---------------------------------------------------------------------------
 
@@ -132,14 +137,15 @@ class PlainClient:
         head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
         message = head.encode("latin-1") + body
         server = (host, port)
-        sock, reused = self._take(server)
-        try:
-            return self._exchange(sock, server, method, message, url)
-        except (httpx.WriteError, httpx.RemoteProtocolError):
-            if not reused:
-                raise
-            # The server closed a kept-alive socket as it was taken: once more, on a new one.
-            return self._exchange(self._connect(*server), server, method, message, url)
+        with self._turns:
+            sock, reused = self._take(server)
+            try:
+                return self._exchange(sock, server, method, message, url)
+            except (httpx.WriteError, httpx.RemoteProtocolError):
+                if not reused:
+                    raise
+                # The server closed a kept-alive socket as it was taken: once more, on a new one.
+                return self._exchange(self._connect(*server), server, method, message, url)
 
     def _exchange(self, sock: socket.socket, server: tuple[str, int], method: str, message: bytes, url: str) -> Any:
         import httpx

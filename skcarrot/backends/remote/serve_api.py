@@ -2,8 +2,9 @@
 
 :class:`HTTPBackend` implements the same members as any backend (both doors),
 so the estimator does not know it talks over a network. Pixels cross once (each
-distinct image is uploaded once and named by its content id afterwards);
-offsets go as raw float32, logits come back exact; every charged request
+distinct image is uploaded once, a few new small ones with the scoring request that
+needs them, and named by its content id afterwards); offsets go as raw float32,
+logits come back exact (raw bytes from a server that offers them); every charged request
 carries an ``Idempotency-Key`` that its retries reuse, so a retry is never
 charged twice, and names the answers received since in ``Idempotency-Ack``, so
 the server need not keep them. Retries, errors and the key's handling are those

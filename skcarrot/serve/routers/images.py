@@ -76,7 +76,9 @@ def keep_uploads(server: Server, key_id: int, uploads: dict[str, tuple[bytes, Im
     responses=_UPLOAD_ERRORS,
     summary="Upload images; returns their content ids",
 )
-async def upload_images(body: UploadRequest, server: ServerDep, key: CurrentKey, digest: CallerDigest) -> UploadResponse:
+async def upload_images(
+    body: UploadRequest, server: ServerDep, key: CurrentKey, digest: CallerDigest
+) -> UploadResponse:
     """Decode, check and keep each image under its content id: the sha256 of its RGB pixels
     (see :func:`skcarrot.wire.image_content_id`). Not charged, but counted against the key's
     image quota (``max_image_bytes_per_key``); a key with no budget left cannot upload.
