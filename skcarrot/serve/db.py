@@ -9,13 +9,14 @@ locked with ``SELECT ... FOR UPDATE``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
 
-__all__ = ["Database", "normalize_db_url", "keys_table", "requests_table", "images_table", "UNAVAILABLE"]
+__all__ = ["Database", "normalize_db_url", "keys_table", "requests_table", "images_table", "UNAVAILABLE", "Throttle"]
 
 logger = logging.getLogger("skcarrot.serve")
 
@@ -234,3 +235,33 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+class Throttle:
+    """Run a periodic job (pruning) at most once every ``every_s`` seconds per process, never twice at once.
+
+    Examples
+    --------
+    >>> from skcarrot.serve.db import Throttle
+    >>> calls = []
+    >>> throttle = Throttle(60)
+    >>> throttle(calls.append); throttle(calls.append)
+    >>> len(calls)
+    1
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self, job) -> None:
+        """``job(now)``, unless it ran less than ``every_s`` ago or is running in another thread."""
+        now = time.time()
+        if now - self._last < self.every_s or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._last = now
+            job(now)
+        finally:
+            self._lock.release()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from .db import Database, requests_table
+from .db import Database, requests_table, Throttle
 
 __all__ = ["IdempotencyStore", "IdempotencyConflict", "StoredRequest", "fingerprint"]
 
@@ -124,8 +124,7 @@ class IdempotencyStore:
         self.max_answer_bytes_per_key = int(max_answer_bytes_per_key)
         self.hold_s = float(hold_s)
         self.max_held_bytes = int(max_held_bytes)
-        self._last_prune = 0.0
-        self._prune_lock = threading.Lock()
+        self._prune_throttle = Throttle(_PRUNE_EVERY_S)
         # answers held in memory, oldest first, and their bytes per key and in all
         self._held: OrderedDict[tuple[int, str], _Held] = OrderedDict()
         self._held_bytes: dict[int, int] = {}
@@ -426,11 +425,4 @@ class IdempotencyStore:
             conn.execute(requests_table.delete().where(requests_table.c.created_at < now - self.ttl_s))
 
     def _maybe_prune(self) -> None:
-        now = time.time()
-        if now - self._last_prune < _PRUNE_EVERY_S or not self._prune_lock.acquire(blocking=False):
-            return
-        try:
-            self._last_prune = now
-            self.prune(now)
-        finally:
-            self._prune_lock.release()
+        self._prune_throttle(self.prune)

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from PIL import Image
 from sqlalchemy.exc import IntegrityError
 
-from .db import Database, images_table, keys_table
+from .db import Database, images_table, keys_table, Throttle
 
 __all__ = ["ImageStore", "ImageQuotaExceeded", "StoredImageUnreadable", "image_nbytes"]
 
@@ -127,8 +127,7 @@ class ImageStore:
         self._key_bytes: dict[int, int] = {}
         self._bytes = 0
         self._lock = threading.Lock()
-        self._last_prune = 0.0
-        self._prune_lock = threading.Lock()
+        self._prune_throttle = Throttle(_PRUNE_EVERY_S)
         # The statements of every upload, built once (SQLAlchemy then skips most of its work per call).
         key = sa.bindparam("b_key_id")
         self._lock_key = db.for_update(sa.select(keys_table.c.id).where(keys_table.c.id == key))
@@ -269,14 +268,7 @@ class ImageStore:
 
     def maybe_prune(self) -> None:
         """:meth:`prune`, at most once a minute per process."""
-        now = time.time()
-        if now - self._last_prune < _PRUNE_EVERY_S or not self._prune_lock.acquire(blocking=False):
-            return
-        try:
-            self._last_prune = now
-            self.prune(now)
-        finally:
-            self._prune_lock.release()
+        self._prune_throttle(self.prune)
 
     # -- memory -------------------------------------------------------------------------
 
