@@ -91,3 +91,17 @@ def test_wheel_ships_the_weights(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "skcarrot/weights/skcarrot-micro-clip.safetensors" in names
     assert "skcarrot/backends/model_configs/skcarrot-micro-clip.json" in names
+
+
+def test_the_default_at_its_default_settings_refines_digits_within_a_quarter_of_the_budget(digits16):
+    """CarrotClassifier() as shipped (8000 queries, intrinsic_dim=512, popsize 40): staged choice on held-out digits."""
+    Xtr, ytr, Xte, yte = digits16
+    np.random.seed(7)
+    before = np.random.get_state()
+    clf = CarrotClassifier(random_state=0).fit(Xtr, ytr)
+    after = np.random.get_state()
+    assert before[0] == after[0] and np.array_equal(before[1], after[1])  # TPA's draws at d=512 stay ours
+    zero_shot = CarrotClassifier(prompt_tuning=False, refinement=False).fit(Xtr, ytr).score(Xte, yte)
+    assert clf.selection_["choice"] == "refine-only" and clf.selection_["pilot_queries"] > 0
+    assert clf.n_queries_ <= 8000 // 4 + 1
+    assert clf.score(Xte, yte) > zero_shot + 0.1
