@@ -108,3 +108,25 @@ def test_a_warm_start_continues_the_mode_of_the_previous_fit(digits, prompt_tuni
     searched = clf.prompt_z_ is not None
     clf.set_params(prompt_tuning="auto").fit(Xtr, ytr)
     assert (clf.prompt_z_ is not None) == searched and clf.selection_ is None
+
+
+def test_the_refiner_trains_as_many_epochs_as_cross_validation_chose(digits):
+    from skcarrot._training.selection import epoch_stops
+
+    Xtr, ytr, _, _ = digits
+    clf = CarrotClassifier(query_budget=800, popsize=8, intrinsic_dim=16, random_state=0).fit(Xtr, ytr)
+    epochs = clf.selection_["refiner_epochs"]
+    assert clf.selection_["choice"] == "refine-only" and epochs in epoch_stops(800 // 9)
+    assert clf.n_iter_ == epochs and f"at {epochs} epochs" in clf.selection_["reason"]
+    assert clf.n_queries_ <= 0.25 * 800 + 1  # choosing the epochs costs no query
+
+
+def test_fewest_good_epochs_is_the_best_held_out_loss_and_says_so():
+    from skcarrot._training import selection
+
+    rng = np.random.RandomState(0)
+    base = rng.uniform(0.1, 0.5, size=200)
+    losses = np.stack([base + 0.2, base, base + 0.05])  # the middle stop is best on every image
+    index, chosen = selection._fewest_good_epochs(losses, [10, 20, 40])
+    assert index == 1 and np.array_equal(chosen, losses[1])
+    assert selection.epoch_stops(195) == [12, 24, 48, 97, 195] and selection.epoch_stops(5) == [5]

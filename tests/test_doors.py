@@ -73,6 +73,9 @@ class TemperatureSearch:
     def coordinates(self):
         return np.array([self.best])
 
+    def can_move(self):
+        return True
+
     def state(self):
         return dict(vars(self))
 

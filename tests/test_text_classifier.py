@@ -104,3 +104,25 @@ def test_joblib_round_trip_in_text_mode(split, tmp_path):
     clf = CarrotClassifier(backend=OpenCLIPTextBackend(), query_budget=25, popsize=4, random_state=0).fit(Xtr, ytr)
     joblib.dump(clf, tmp_path / "m.joblib")
     np.testing.assert_array_equal(joblib.load(tmp_path / "m.joblib").predict(Xte), clf.predict(Xte))
+
+
+def test_text_carrot_with_no_word_to_search_is_the_refiner_for_two_queries(split):
+    """Screening keeps no word: nothing to search, so no query is spent on identical prompt sets."""
+    Xtr, ytr, Xte, yte = split
+    common = dict(backend=CountingTextBackend(), random_state=0, early_stopping=False)
+    carrot = CarrotClassifier(prompt_tuning=True, vocabulary=["circle", "stick", "swan"], **common).fit(Xtr, ytr)
+    refine = CarrotClassifier(prompt_tuning=False, **common).fit(Xtr, ytr)
+    assert all(len(words) == 1 for words in carrot.prompt_candidates_)
+    assert carrot.n_queries_by_purpose_ == {"screen": 1, "prompt": 0, "refiner": 1, "validation": 0, "pilot": 0}
+    np.testing.assert_allclose(carrot.predict_proba(Xte), refine.predict_proba(Xte))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_text_carrot_is_not_below_the_refiner_alone_on_held_out_digits(seed):
+    """Words kept by screening must beat chance over every word tried, or the search fits them to the shots."""
+    X, y = load_digit_images()
+    Xtr, ytr, Xte, yte = few_shot_split(X, y, 16, seed=seed)
+    common = dict(backend=OpenCLIPTextBackend(), random_state=seed, early_stopping=False)
+    carrot = CarrotClassifier(prompt_tuning=True, **common).fit(Xtr, ytr).score(Xte, yte)
+    refine = CarrotClassifier(prompt_tuning=False, **common).fit(Xtr, ytr).score(Xte, yte)
+    assert carrot >= refine - 0.005, (carrot, refine)

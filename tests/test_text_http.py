@@ -174,8 +174,9 @@ def test_end_to_end_search_through_the_endpoint_stays_within_budget(digits, monk
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     names = list(DIGIT_WORDS[:3])
     with ZeroShotServer() as server:
-        search = TextPromptSearch(names, vocabulary=["circle", "stick", "swan", "snake", "egg", "hook"],
-                                  strings_per_query=6, n_candidates=2, popsize=4, random_state=0)
+        # "ort" and "barbecue" lower the embedded model's loss on the 1s: something to search
+        search = TextPromptSearch(names, vocabulary=["circle", "ort", "swan", "barbecue", "egg", "hook"],
+                                  strings_per_query=6, n_candidates=2, popsize=4, screen_margin=0.0, random_state=0)
         counter = search_alone(ZeroShotHTTPBackend(server.url, max_concurrency=8), train, y_train, search, budget=13)
     assert search.n_screening_queries() == 2
     assert counter.n_queries == 2 + 2 * 4 <= 13  # two screening queries, then two steps of four
@@ -202,8 +203,11 @@ def test_carrot_classifier_fits_end_to_end_through_the_endpoint(digits, monkeypa
     # screening: 6 words in chunks of 3 next to the 3 classes' own prompts = 2 queries
     assert clf.n_queries_by_purpose_["screen"] == 2
     # one image and one prompt set per call: fit calls = sum over queries of the images each scored
-    per_query = {"screen": len(train), "prompt": len(train), "refiner": len(train), "validation": 0, "pilot": 0}
-    assert fit_calls == sum(n * per_query[k] for k, n in clf.n_queries_by_purpose_.items())
+    assert fit_calls == clf.n_pairs_scored_ == clf.n_images_scored_
+    if all(len(words) == 1 for words in clf.prompt_candidates_):  # no word kept: one query scores the view pool
+        assert clf.n_queries_by_purpose_ == {"screen": 2, "prompt": 0, "refiner": 1, "validation": 0, "pilot": 0}
+    else:
+        assert clf.n_queries_by_purpose_["prompt"] > 0
     assert server.calls == fit_calls + len(train)  # predict: one prompt set, one call per image
     assert proba.shape == (len(train), 3) and np.allclose(proba.sum(1), 1.0)
     assert all(p.startswith("a photo of a ") for p in clf.prompt_)

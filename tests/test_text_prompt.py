@@ -95,7 +95,8 @@ def test_never_sends_an_over_budget_query():
     door = Likes(["kitten", "puppy"])
     search = TextPromptSearch(["cat", "dog"], vocabulary=["kitten", "puppy", "box", "tree"],
                               popsize=10, random_state=0)
-    counter = search_alone(door, ["img"] * 4, np.array([0, 1, 0, 1]), search, budget=25, n_steps=100)
+    counter = search_alone(door, ["img"] * 8, np.arange(8) % 2, search, budget=25, n_steps=100)
+    assert search.candidates_ == [["cat", "kitten"], ["dog", "puppy"]]
     assert door.sent == [1, 10, 10]  # screening, then as many whole steps as fit
     assert counter.n_queries == 21 <= 25
 

@@ -199,6 +199,14 @@ class CollaborativeLoop:
             "train_accuracy": float((scored[best].argmax(-1) == self.y_tensor).float().mean()),
         }
 
+    def prompt_moves(self) -> bool:
+        """Whether the prompt search runs: there is one, and it has more than one prompt to offer.
+
+        When it has not (the text door's screening kept no word), the fit goes on as the
+        refiner alone does: the prompt stays, and one query scores the view pool once.
+        """
+        return self.search is not None and self.search.can_move()
+
     def use_kl(self) -> bool:
         """Whether this generation's refiner loss includes the consistency KL."""
         return self.generation < self.kl_until
@@ -211,7 +219,7 @@ class CollaborativeLoop:
         once and every epoch reads from it.
         """
         n_images = len(self.images)
-        if self.search is None and self.views.fixed:
+        if not self.prompt_moves() and self.views.fixed:
             pick = self.views.pick(self.rng, n_images)
             return self.pool_scores()[pick, np.arange(n_images)]
         sent = self.views.epoch_views(self.rng)
@@ -263,7 +271,7 @@ class CollaborativeLoop:
     def generation_step(self) -> dict:
         """Prompt step, refiner step and validation step; returns the history record."""
         record = {"best_fitness": np.nan, "mean_fitness": np.nan, "refiner_loss": np.nan, "train_accuracy": np.nan}
-        if self.search is not None:
+        if self.prompt_moves():
             record.update(self.prompt_step())
         if self.refiner is not None:
             record.update(self.refiner_step())

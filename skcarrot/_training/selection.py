@@ -45,7 +45,11 @@ PILOT_FRACTION = 0.25
 #: better). The prompt search must clear two: going on spends the other three quarters of the budget.
 REFINER_MARGIN = 0.0
 SEARCH_MARGIN = 2.0
+#: Standard errors within which fewer refiner epochs are as good as the best (the one-standard-error rule).
+EPOCH_MARGIN = 0.0
 _FOLDS = 4
+_FEWEST_EPOCHS = 8
+_N_STOPS = 5
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Selection:
     reason: str
     refiner_gain: float | None = None
     search_gain: float | None = None
+    refiner_epochs: int | None = None
     pilot_queries: int = 0
 
 
@@ -86,9 +91,13 @@ def _stratified_folds(y: np.ndarray, k: int, rng: np.random.RandomState) -> np.n
     return folds
 
 
-def _refine_on_pool(refine_run, idx: np.ndarray, seed: int) -> dict | None:
-    """Refiner weights trained, as the refine-only fit trains them, on the pool logits of shots ``idx``."""
-    loop, run = refine_run
+def _refine_path(refine_run, idx: np.ndarray, seed: int, stops: list[int]) -> list[dict]:
+    """Refiner weights after each of ``stops`` epochs, trained as the refine-only fit trains them on shots ``idx``.
+
+    One trajectory on the pool logits already paid for (no query): the same epochs, consistency
+    schedule and view draws as the refine-only fit, read off at each stop.
+    """
+    loop, _ = refine_run
     fold = dataclasses.replace(
         loop, images=[loop.images[i] for i in idx], y=loop.y[idx], rng=np.random.RandomState(seed),
         refiner=None, optimizer=None, _pool_scores=loop.pool_scores()[:, idx],
@@ -97,9 +106,47 @@ def _refine_on_pool(refine_run, idx: np.ndarray, seed: int) -> dict | None:
                                  torch.Generator().manual_seed(seed))
     fold.refiner, fold.optimizer = refiner, torch.optim.Adam(refiner.parameters(), lr=loop.optimizer.defaults["lr"])
     fold.generation, fold.early_stopping = 0, None
-    for _ in range(run.n_generations):
+    path = []
+    for epoch in range(1, max(stops) + 1):
         fold.generation_step()
-    return refiner.get_weights()
+        if epoch in stops:
+            path.append(refiner.get_weights())
+    return path
+
+
+def epoch_stops(n_epochs: int) -> list[int]:
+    """Epoch counts the refiner is scored at: ``n_epochs`` and its halvings down to :data:`_FEWEST_EPOCHS`.
+
+    Examples
+    --------
+    >>> from skcarrot._training.selection import epoch_stops
+    >>> epoch_stops(195)
+    [12, 24, 48, 97, 195]
+    >>> epoch_stops(3)
+    [3]
+    """
+    stops = {int(n_epochs)}
+    while n_epochs // 2 >= _FEWEST_EPOCHS and len(stops) < _N_STOPS:
+        n_epochs //= 2
+        stops.add(n_epochs)
+    return sorted(stops)
+
+
+def _fewest_good_epochs(losses: np.ndarray, stops: list[int]) -> tuple[int, np.ndarray]:
+    """The fewest epochs whose held-out loss is within one standard error of the best: ``(index, losses)``.
+
+    The one-standard-error rule: among models cross-validation cannot tell apart, the simplest. A
+    refiner trained longer fits the shots' own domain more closely; stopping it where the held-out
+    shots stop asking for more costs nothing on them and keeps it nearer the black box's own
+    predictions, which is what generalises to images unlike the shots.
+    """
+    means = losses.mean(axis=1)
+    best = int(np.argmin(means))
+    for j in range(best + 1):
+        gain, se = _gain(losses[j], losses[best])  # how much the best is below stop j
+        if gain <= EPOCH_MARGIN * se:
+            return j, losses[j]
+    return best, losses[best]
 
 
 def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarray, random_state: Any,
@@ -126,22 +173,26 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
 
     # Stage 1: zero-shot or refiner, by K-fold cross-validation on the logits already paid for.
     zero_shot = _per_image_loss(originals, y)
-    use_refiner = False
+    use_refiner, epochs = False, None
     selection = Selection("zero-shot", "no refiner (refinement=False)")
     if refine_run is not None:
         k = int(min(_FOLDS, counts.min()))
         folds = _stratified_folds(y, k, np.random.RandomState(seed))
-        refined = np.empty(len(y), dtype=float)
+        stops = epoch_stops(refine_run[1].n_generations)
+        refined = np.empty((len(stops), len(y)), dtype=float)
         for f in range(k):
             train, held = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
-            weights = _refine_on_pool(refine_run, train, seed + f)
-            refined[held] = _per_image_loss(refine_logits(originals[held], weights), y[held])
-        gain, se = _gain(zero_shot, refined)
+            for j, weights in enumerate(_refine_path(refine_run, train, seed + f, stops)):
+                refined[j, held] = _per_image_loss(refine_logits(originals[held], weights), y[held])
+        chosen, chosen_losses = _fewest_good_epochs(refined, stops)
+        epochs = stops[chosen]
+        refine_run[1].n_generations = epochs  # the refine-only fit stops where cross-validation did
+        gain, se = _gain(zero_shot, chosen_losses)
         use_refiner = gain > REFINER_MARGIN * se
         selection = Selection(
             "refine-only" if use_refiner else "zero-shot",
-            f"refiner's held-out gain in Brier score {gain:+.3f} ± {se:.3f} per image",
-            refiner_gain=gain,
+            f"refiner's held-out gain in Brier score {gain:+.3f} ± {se:.3f} per image at {epochs} epochs",
+            refiner_gain=gain, refiner_epochs=epochs,
         )
 
     # Stage 2: a cross-fitted pilot of the full method within a quarter of the budget.
@@ -158,7 +209,7 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
             result = pilot_loop.result()
             held_logits = door.score([images[i] for i in held], door.one(result.prompt), "pilot")[0]
             full[held] = _per_image_loss(refine_logits(held_logits, result.refiner_weights), y[held])
-            weights = _refine_on_pool(refine_run, train, seed + 50 + h) if use_refiner else None
+            weights = _refine_path(refine_run, train, seed + 50 + h, [epochs])[0] if use_refiner else None
             simple[held] = _per_image_loss(refine_logits(originals[held], weights), y[held])
     except BudgetTooSmallError as exc:  # a quarter of the budget can not buy a pilot generation
         selection.reason += f"; no pilot of the prompt search ({exc})"

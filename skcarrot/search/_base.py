@@ -23,6 +23,10 @@ class PromptSearch(Protocol):
         The current best prompt, in the door's form.
     coordinates()
         The search's own coordinates of :meth:`current` (``z``, word choices).
+    can_move()
+        Whether :meth:`ask` can offer anything but :meth:`current` (False, e.g., when
+        screening kept no word: every candidate would be the same prompt, and scoring
+        them would spend queries for nothing).
     state() / restore(state)
         Everything the next :meth:`ask` depends on, as a picklable object, and
         back: a restored search continues on the same trajectory.
@@ -46,6 +50,9 @@ class PromptSearch(Protocol):
         ...  # pragma: no cover
 
     def coordinates(self) -> Any:
+        ...  # pragma: no cover
+
+    def can_move(self) -> bool:
         ...  # pragma: no cover
 
     def state(self) -> Any:

@@ -167,6 +167,10 @@ class CMAESPromptSearch:
         """Prompt offset ``A z`` of the current solution, shape ``(n_ctx, dim)``."""
         return self.offsets(self.coordinates())[0]
 
+    def can_move(self) -> bool:
+        """Always: a continuous search has somewhere to go."""
+        return True
+
     def state(self) -> dict:
         """CMA-ES's state and its generator (pickled together, they stay linked)."""
         return {"es": self.es, "random": self._random, "checks": self._checks}

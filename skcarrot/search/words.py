@@ -23,6 +23,7 @@ classes is still one query, and its images scored are counted as usual.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -134,17 +135,34 @@ def coordinate_losses(base: np.ndarray, candidates: np.ndarray, y: np.ndarray, c
     return losses if per_image else losses.mean(axis=0)
 
 
-#: Standard errors by which a word must lower the training loss to be kept.
-_SCREEN_MARGIN = 2.0
+#: Chance, over all the words and classes screened together, that one word is kept for a gain it owes to
+#: the shots alone (a one-sided Bonferroni bound).
+_SCREEN_ALPHA = 0.05
 
 
-def _reliable_gains(base: np.ndarray, candidate_scores: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+def screening_margin(n_words: int, n_classes: int, alpha: float = _SCREEN_ALPHA) -> float:
+    """Standard errors by which a word must lower the training loss when ``n_words`` words are tried on ``n_classes``.
+
+    Screening tries every word on every class, and the best of thousands of tries lowers the
+    loss of a few shots by chance; the margin grows with the number of tries so that the chance
+    of keeping any such word stays ``alpha``.
+
+    Examples
+    --------
+    >>> from skcarrot.search.words import screening_margin
+    >>> round(screening_margin(200, 10), 2), round(screening_margin(1, 1), 2)
+    (4.06, 1.64)
+    """
+    tries = max(int(n_words) * int(n_classes), 1)
+    return NormalDist().inv_cdf(1.0 - alpha / tries)
+
+
+def _reliable_gains(base: np.ndarray, candidate_scores: np.ndarray, y: np.ndarray, n_classes: int,
+                    margin: float) -> np.ndarray:
     """A lower confidence bound on each word's drop of training loss for each class, ``(C, n_words)``.
 
-    Each image's loss drop is one observation: the bound is their mean less ``_SCREEN_MARGIN``
-    standard errors. Screening 200 words on a few shots a class, some lower the mean loss by
-    chance, and the search then fits them to the shots (measured: text-level CARROT 2.3 points
-    below the refiner alone on held-out digits); a word must help most shots, not a few.
+    Each image's loss drop is one observation: the bound is their mean less ``margin``
+    standard errors, so a word must help most shots, not a few.
     """
     log_probs = base - logsumexp(base, axis=1)[:, None]
     current = -log_probs[np.arange(len(y)), y]  # (N,)
@@ -152,7 +170,7 @@ def _reliable_gains(base: np.ndarray, candidate_scores: np.ndarray, y: np.ndarra
     for c in range(n_classes):
         drop = current[:, None] - coordinate_losses(base, candidate_scores, y, c, per_image=True)  # (N, M)
         spread = drop.std(axis=0, ddof=1) / np.sqrt(len(y)) if len(y) > 1 else np.inf
-        bounds.append(drop.mean(axis=0) - _SCREEN_MARGIN * spread)
+        bounds.append(drop.mean(axis=0) - margin * spread)
     return np.stack(bounds)
 
 
@@ -179,6 +197,10 @@ class TextPromptSearch:
     strings_per_query : int or None, default=None
         Most strings in one screening query, the classes' own prompts included
         (hosted endpoints cap candidate labels); None for one query in all.
+    screen_margin : float or None, default=2.0
+        Standard errors by which a word must lower the training loss to be kept;
+        None for :func:`screening_margin` of the words and classes screened (the
+        chance that any word is kept for a gain it owes to the shots alone stays 5%).
     popsize : int, default=10
         Prompt sets sampled per step (queries per step).
     learning_rate : float, default=1.0
@@ -218,6 +240,7 @@ class TextPromptSearch:
         n_words: int | None = None,
         n_candidates: int = 8,
         strings_per_query: int | None = None,
+        screen_margin: float | None = 2.0,
         popsize: int = 10,
         learning_rate: float = 1.0,
         random_state: Any = None,
@@ -245,6 +268,7 @@ class TextPromptSearch:
         self.n_words = n_words
         self.n_candidates = int(n_candidates)
         self.strings_per_query = strings_per_query
+        self.screen_margin = screen_margin
         self.popsize = int(popsize)
         self.learning_rate = float(learning_rate)
         self.rng = check_random_state(random_state)
@@ -335,7 +359,10 @@ class TextPromptSearch:
         kept: list[list[str]] = [[] for _ in range(n_classes)]
         if scores:
             candidate_scores = np.concatenate(scores, axis=1)  # (N, n_words)
-            gains = _reliable_gains(base, candidate_scores, y, n_classes)  # (C, n_words)
+            margin = self.screen_margin
+            if margin is None:
+                margin = screening_margin(len(words), n_classes)
+            gains = _reliable_gains(base, candidate_scores, y, n_classes, margin)  # (C, n_words)
             # Each word serves the class it helps most, so no two classes can pick one wording.
             owner = gains.argmax(axis=0)
             for c in range(n_classes):
@@ -402,6 +429,10 @@ class TextPromptSearch:
         """Start the categoricals from another search's :attr:`logits_` (same candidates)."""
         for theta, old in zip(self._slots(), logits):
             theta[:] = old
+
+    def can_move(self) -> bool:
+        """Whether some slot has more than one choice (after screening, some word was kept)."""
+        return any(len(theta) > 1 for theta in self._slots())
 
     def state(self) -> dict:
         """Candidates, categoricals, generator and whether screening ran."""
