@@ -124,9 +124,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     prompt_tuning : bool or "auto", default="auto"
         Train the prompt generation module (False: the hand-written prompt;
         True: the paper's protocol, the whole budget). "auto" pays for the
-        search only where it pays: the refiner on the hand-written prompt is
-        chosen over the bare prompt by cross-validation on the logits of one
-        query, then a pilot of the prompt search, cross-fitted on two halves of
+        search only where it pays: the refiner on the hand-written prompt, and
+        its number of epochs, are chosen over the bare prompt by cross-validation
+        on the logits of one query, then a pilot of the prompt search, cross-fitted on two halves of
         the shots within a quarter of the budget, must beat it on the half it did
         not see by twice its standard error before the rest of the budget is
         spent; the choice is refitted on all shots (``selection_`` says what was

@@ -121,12 +121,20 @@ def test_the_refiner_trains_as_many_epochs_as_cross_validation_chose(digits):
     assert clf.n_queries_ <= 0.25 * 800 + 1  # choosing the epochs costs no query
 
 
-def test_fewest_good_epochs_is_the_best_held_out_loss_and_says_so():
+def test_the_epochs_with_the_lowest_held_out_loss_replace_the_full_schedule():
     from skcarrot._training import selection
 
     rng = np.random.RandomState(0)
     base = rng.uniform(0.1, 0.5, size=200)
-    losses = np.stack([base + 0.2, base, base + 0.05])  # the middle stop is best on every image
-    index, chosen = selection._fewest_good_epochs(losses, [10, 20, 40])
-    assert index == 1 and np.array_equal(chosen, losses[1])
+    assert selection._good_epochs(np.stack([base + 0.2, base, base + 0.05])) == 1  # the middle stop is best
+    assert selection._good_epochs(np.stack([base + 0.2, base + 0.05, base])) == 2  # the full schedule is
     assert selection.epoch_stops(195) == [12, 24, 48, 97, 195] and selection.epoch_stops(5) == [5]
+
+
+def test_two_shots_a_class_train_the_full_schedule(digits):
+    """A fold of two shots a class trains on one: too few to tell how long the refiner should train."""
+    Xtr, ytr, _, _ = digits
+    two = np.concatenate([np.flatnonzero(ytr == c)[:2] for c in np.unique(ytr)])
+    clf = CarrotClassifier(query_budget=800, popsize=8, intrinsic_dim=16, random_state=0).fit(Xtr[two], ytr[two])
+    assert clf.selection_["refiner_epochs"] == 800 // 9
+    assert clf.selection_["choice"] != "refine-only" or clf.n_iter_ == 800 // 9
