@@ -126,3 +126,31 @@ def test_text_carrot_is_not_below_the_refiner_alone_on_held_out_digits(seed):
     carrot = CarrotClassifier(prompt_tuning=True, **common).fit(Xtr, ytr).score(Xte, yte)
     refine = CarrotClassifier(prompt_tuning=False, **common).fit(Xtr, ytr).score(Xte, yte)
     assert carrot >= refine - 0.005, (carrot, refine)
+
+
+class NamesMatter:
+    """A text door whose logits favour prompts naming each image's 'good' word (images alternate classes)."""
+
+    returns = "logits"
+
+    def __init__(self, good):
+        self.good = good
+
+    def text_scores(self, images, prompts):
+        y = np.arange(len(images)) % len(self.good)
+        out = np.zeros((len(prompts), len(images), len(prompts[0])))
+        for p, prompt_set in enumerate(prompts):
+            for j, s in enumerate(prompt_set):
+                out[p, :, j] = np.where([self.good[c] in s for c in y], 2.0, 0.5)
+        return out
+
+
+def test_a_word_that_helps_every_shot_passes_the_screen_with_the_refiner():
+    X = np.zeros((40, 8, 8), dtype=np.uint8)
+    y = np.arange(40) % 2
+    clf = CarrotClassifier(backend=NamesMatter(["kitten", "puppy"]), class_names=["cat", "dog"],
+                           vocabulary=["kitten", "puppy", "box", "tree"], prompt_tuning=True, query_budget=60,
+                           early_stopping=False, random_state=0).fit(X, y)
+    assert clf.prompt_candidates_ == [["cat", "kitten"], ["dog", "puppy"]]
+    assert clf.n_queries_by_purpose_["prompt"] > 0
+    assert clf.prompt_ == ["a photo of a kitten.", "a photo of a puppy."]
