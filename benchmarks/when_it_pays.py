@@ -2,6 +2,7 @@
 
     python benchmarks/when_it_pays.py [--seeds 100 ... 109] [--shots 1 2 4 8 16] [--jobs 2]
                                       [--out bench_output/when_it_pays] [--methods ...] [--plot PNG]
+                                      [--markdown MD] [--summary-only] [--before DIR]
 
 Tasks (embedded model, offline data):
 
@@ -21,7 +22,8 @@ the paper's budget for the number of shots): ``zeroshot``, ``prompt`` (prompt-on
 (``text_prompt``, ``text_refine``, ``text_carrot``, budget "auto"), and ``default``
 (``CarrotClassifier()`` with its defaults but the budget). Each cell (task, shots, seed, method) is one JSON
 file under ``--out``; finished cells are skipped, so the study resumes. The summary prints mean
-accuracy and paired 95% intervals of every method against refine-only, per task and shots.
+accuracy and paired 95% intervals of every method against refine-only, per task and shots;
+``--before DIR`` compares the default, seed by seed, with an earlier version's cells in ``DIR``.
 """
 
 from __future__ import annotations
@@ -268,6 +270,21 @@ def compact(table, methods):
     return "\n".join(lines)
 
 
+def versus(table, new="default", old="default_before"):
+    """The default against an earlier version of it, seed by seed: mean accuracies and the paired difference."""
+    lines = [f"| test set | shots | {old} | {new} | difference (95% interval) | seeds |", "|---|---|---|---|---|---|"]
+    for (test, shots) in sorted(table, key=lambda k: (k[0].split("@")[0], "@" in k[0], k[0], k[1])):
+        row = table[(test, shots)]
+        seeds = sorted(set(row.get(new, {})) & set(row.get(old, {})))
+        if len(seeds) < 2:
+            continue
+        mean, lo, hi = interval([row[new][s][0] - row[old][s][0] for s in seeds])
+        lines.append(f"| {test} | {shots} | {np.mean([row[old][s][0] for s in seeds]):.1f} | "
+                     f"{np.mean([row[new][s][0] for s in seeds]):.1f} | {mean:+.1f} [{lo:+.1f}, {hi:+.1f}] | "
+                     f"{len(seeds)} |")
+    return "\n".join(lines)
+
+
 def plot(table, methods, path):
     import matplotlib
 
@@ -305,6 +322,8 @@ def main():
     parser.add_argument("--out", default="bench_output/when_it_pays")
     parser.add_argument("--plot", default=None)
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--before", default=None,
+                        help="cells of an earlier version's default (same layout): compared seed by seed")
     parser.add_argument("--markdown", default=None, help="write the compact table and the bars to this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -325,6 +344,10 @@ def main():
                       f"{100 * r['accuracy'][r['task']]:.1f}% {r['queries']} q {r['seconds']:.1f}s", flush=True)
     records = [r for r in load(args.out) if r["method"] in args.methods and r["seed"] in args.seeds
                and r["shots"] in args.shots]
+    if args.before:
+        records += [dict(r, method=r["method"] + "_before") for r in load(args.before)
+                    if r["method"] in ("default", "text_default") and r["seed"] in args.seeds
+                    and r["shots"] in args.shots]
     methods = [m for m in args.methods if any(r["method"] == m for r in records)]
     means, diffs, table = summary(records, methods)
     print(means)
@@ -334,10 +357,14 @@ def main():
     print(bar(table))
     print()
     print(bar(table, "text_default", "text_refine", "text_carrot", budget=lambda shots: 250))
+    before = ""
+    if args.before:
+        before = "\n\n" + versus(table) + "\n\n" + versus(table, "text_default", "text_default_before")
+        print(before)
     if args.markdown:
         Path(args.markdown).write_text(compact(table, methods) + "\n\n" + bar(table) + "\n\n"
                                        + bar(table, "text_default", "text_refine", "text_carrot",
-                                             budget=lambda shots: 250) + "\n")
+                                             budget=lambda shots: 250) + before + "\n")
     if args.plot:
         plot(table, methods, args.plot)
 
