@@ -37,10 +37,11 @@ class HostedLikeDoor(OpenCLIPTextBackend):
 
 ROWS = {
     "zero-shot": ("text", dict(prompt_tuning=False, refinement=False)),
-    "text prompt search only": ("text", dict(refinement=False)),
+    "text prompt search only": ("text", dict(prompt_tuning=True, refinement=False)),
     "refine-only on probabilities": ("text", dict(prompt_tuning=False)),
-    "CARROT": ("text", dict()),
-    "CARROT (embedding door)": ("embedding", dict()),
+    "CARROT": ("text", dict(prompt_tuning=True)),
+    "default (`prompt_tuning=\"auto\"`)": ("text", dict()),
+    "CARROT (embedding door)": ("embedding", dict(prompt_tuning=True)),
 }
 
 
@@ -84,7 +85,7 @@ def main():
         means = [np.mean([row[0] for row in results[n]]) for n in names]
         stds = [np.std([row[0] for row in results[n]]) for n in names]
         fig, ax = plt.subplots(figsize=(8, 3.4))
-        ax.barh(names[::-1], means[::-1], xerr=stds[::-1], color=["#4c72b0"] + ["#dd8452"] * 4)
+        ax.barh(names[::-1], means[::-1], xerr=stds[::-1], color=["#4c72b0"] + ["#dd8452"] * (len(names) - 1))
         ax.set_xlim(60, 95)
         ax.set_xlabel("held-out accuracy (%), sklearn digits, 16 shots, mean ± std")
         fig.tight_layout()

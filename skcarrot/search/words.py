@@ -32,7 +32,7 @@ from sklearn.utils import check_random_state
 
 from .._math import logsumexp, softmax
 
-__all__ = ["TextPromptSearch", "coordinate_losses", "cross_entropy_fitness", "tokenizer_words"]
+__all__ = ["TextPromptSearch", "coordinate_losses", "cross_entropy_fitness", "screening_margin", "tokenizer_words"]
 
 #: Signature of a fitness: log-probabilities ``(P, n_images, n_classes)`` and labels -> ``(P,)``, lower is better.
 Fitness = Callable[[np.ndarray, np.ndarray], np.ndarray]
