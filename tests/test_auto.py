@@ -117,7 +117,7 @@ def test_the_refiner_trains_as_many_epochs_as_cross_validation_chose(digits):
     clf = CarrotClassifier(query_budget=800, popsize=8, intrinsic_dim=16, random_state=0).fit(Xtr, ytr)
     epochs = clf.selection_["refiner_epochs"]
     assert clf.selection_["choice"] == "refine-only" and epochs in epoch_stops(800 // 9)
-    assert clf.n_iter_ == epochs and f"at {epochs} epochs" in clf.selection_["reason"]
+    assert clf.n_iter_ == epochs and f"{epochs} of {800 // 9} epochs" in clf.selection_["reason"]
     assert clf.n_queries_ <= 0.25 * 800 + 1  # choosing the epochs costs no query
 
 
