@@ -55,8 +55,11 @@ url = f"http://127.0.0.1:{port}"
 # Few shots, a small budget
 # -------------------------
 # Four digits, five shots each; the class names are the words of the digits. The prompt
-# search runs (``prompt_tuning=True``) on 30 queries: first a screening of candidate words,
-# then generations of ten prompt sets each.
+# search is asked for (``prompt_tuning=True``) with a cap of 30 queries: first one query
+# screens candidate words, then generations of ten prompt sets each search among the words
+# kept. With the refiner behind it, a word is kept only when it beats chance over every word
+# tried; when none does (as here, on the embedded model), there is nothing to search, the
+# class names stay, and one more query scores the views the refiner trains on.
 X, y = load_digit_images()
 keep = y < 4
 X_train, y_train, X_test, y_test = few_shot_split(X[keep], y[keep], n_shots=5, seed=0)
