@@ -23,8 +23,8 @@ classes is still one query, and its images scored are counted as usual.
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from collections.abc import Callable, Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
