@@ -236,8 +236,8 @@ def bar(table, default="default", refine="refine", carrot="carrot", budget=None)
         pays = lo > 0
         ok_acc = acc[default] >= max(acc[refine], acc[carrot]) - 0.5
         ok_spend = pays or queries <= 0.25 * cap + 1
-        passed += ok_acc + ok_spend
-        failed += (not ok_acc) + (not ok_spend)
+        passed += int(ok_acc) + int(ok_spend)
+        failed += int(not ok_acc) + int(not ok_spend)
         lines.append(f"| {test} | {shots} | {acc[refine]:.1f} | {acc[carrot]:.1f} | {acc[default]:.1f} | "
                      f"{queries:.0f} of {cap} | {'yes' if pays else 'no'} | {'ok' if ok_acc else 'MISSED'} | "
                      f"{'ok' if ok_spend else 'MISSED'} |")
