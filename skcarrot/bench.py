@@ -93,8 +93,8 @@ def make_estimator(method: str, dataset: str, n_shots: int, seed: int, backend: 
         if budget is not None:
             params["query_budget"] = budget
         _, prompt, refine = SETTINGS[method]
-        return CarrotClassifier(backend=backend, class_names=classnames, prompt_tuning=prompt, refinement=refine,
-                                random_state=seed, **params)
+        params.update(prompt_tuning=prompt, refinement=refine)
+        return CarrotClassifier(backend=backend, class_names=classnames, random_state=seed, **params)
     # The official augmentation (random resized crop + flip) on the natural-image datasets; none on
     # the 8x8 and 28x28 offline sets, where crops cost 2.5-5.5x the fit time and lose accuracy
     # (docs/benchmarks.md, "White-box baselines, retrained").

@@ -123,10 +123,12 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         tokenizer. None: 200 of them (measured: more words fit the shots, not the task).
     prompt_tuning : bool or "auto", default="auto"
         Train the prompt generation module (False: the hand-written prompt;
-        True: the paper's protocol, the whole budget). "auto" pays for the
-        search only where it pays: the refiner on the hand-written prompt, and
-        its number of epochs, are chosen over the bare prompt by cross-validation
-        on the logits of one query, then a pilot of the prompt search, cross-fitted on two halves of
+        True: the paper's protocol, the whole budget, unless the text door's
+        screen keeps no word: then there is nothing to search and the refiner
+        trains alone). "auto" pays for the
+        search only where it pays: the refiner on the hand-written prompt is
+        chosen over the bare prompt, and its number of epochs picked, by
+        cross-validation on the logits of one query, then a pilot of the prompt search, cross-fitted on two halves of
         the shots within a quarter of the budget, must beat it on the half it did
         not see by twice its standard error before the rest of the budget is
         spent; the choice is refitted on all shots (``selection_`` says what was
@@ -137,7 +139,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     max_iter : int or None, default=None
         Generations (refiner epochs without prompt tuning). None: as many as
         the budget allows; without prompt tuning, the number a full fit with the
-        same budget would run, ``query_budget // (popsize + 1)``.
+        same budget would run, ``query_budget // (popsize + 1)``, or, with
+        ``prompt_tuning="auto"``, as many of those as cross-validation chose.
     early_stopping : bool or "auto", default=False
         Hold back ``validation_fraction`` of the shots of each class (at least
         one) and keep the model with the lowest cross-entropy on them, the
@@ -221,7 +224,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         Its validation cross-entropy, the criterion of the choice.
     selection_ : dict or None
         What ``prompt_tuning="auto"`` chose (``choice``: "zero-shot",
-        "refine-only" or "carrot"), why (``reason``), the held-out gains and
+        "refine-only" or "carrot"), why (``reason``), the held-out gains,
+        ``refiner_epochs`` (the epochs a refine-only choice trains) and
         ``pilot_queries``; None for any other setting.
     fit_time_ : float
         Seconds spent in the last ``fit``.
@@ -365,7 +369,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         with requests_named_by(backend, run_id, door.counter):
             loop, run, selection = start_fit(door, settings, images, y_idx, self.random_state, previous, saved)
             run.fingerprint = run_id
-            callbacks = [Progress(loop, run, verbose=self.verbose, by_query=loop.search is not None,
+            callbacks = [Progress(loop, run, verbose=self.verbose, by_query=loop.prompt_moves(),
                                   patience=settings.n_iter_no_change, selection=selection)]
             if self.checkpoint is not None:
                 callbacks.append(Checkpointer(self.checkpoint, self.checkpoint_every))

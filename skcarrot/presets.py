@@ -37,6 +37,8 @@ _COMMON = {
     "batch_size": 256,
     "augmentation": "crop+flip",
     "fresh_views": True,
+    # The paper's protocol: every generation of the search, no selection.
+    "prompt_tuning": True,
     # The paper reports the model after the last generation, with no validation shots held back.
     "early_stopping": False,
 }

@@ -138,3 +138,25 @@ def test_two_shots_a_class_train_the_full_schedule(digits):
     clf = CarrotClassifier(query_budget=800, popsize=8, intrinsic_dim=16, random_state=0).fit(Xtr[two], ytr[two])
     assert clf.selection_["refiner_epochs"] == 800 // 9
     assert clf.selection_["choice"] != "refine-only" or clf.n_iter_ == 800 // 9
+
+
+def test_auto_with_fresh_views_says_what_to_change(digits):
+    Xtr, ytr, _, _ = digits
+    with pytest.raises(ValueError, match="fresh_views=True"):
+        CarrotClassifier(fresh_views=True, query_budget=300, popsize=8, intrinsic_dim=16).fit(Xtr, ytr)
+
+
+def test_the_presets_run_the_papers_protocol(digits):
+    from skcarrot.presets import preset_params
+
+    Xtr, ytr, _, _ = digits
+    params = {**preset_params("eurosat", 4), "query_budget": 100, "popsize": 8, "intrinsic_dim": 16}
+    clf = CarrotClassifier(random_state=0, **params).fit(Xtr, ytr)
+    assert clf.selection_ is None and clf.prompt_z_ is not None and clf.n_queries_ == 100 // 9 * 9
+
+
+def test_an_explicit_max_iter_is_kept_under_auto(digits):
+    Xtr, ytr, _, _ = digits
+    clf = CarrotClassifier(query_budget=800, popsize=8, intrinsic_dim=16, max_iter=40, random_state=0).fit(Xtr, ytr)
+    assert clf.selection_["refiner_epochs"] == 40
+    assert clf.selection_["choice"] != "refine-only" or clf.n_iter_ == 40

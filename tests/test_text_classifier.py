@@ -154,3 +154,16 @@ def test_a_word_that_helps_every_shot_passes_the_screen_with_the_refiner():
     assert clf.prompt_candidates_ == [["cat", "kitten"], ["dog", "puppy"]]
     assert clf.n_queries_by_purpose_["prompt"] > 0
     assert clf.prompt_ == ["a photo of a kitten.", "a photo of a puppy."]
+
+
+@pytest.mark.parametrize("refinement", [True, False])
+def test_nothing_to_search_spends_nothing_on_the_search_with_early_stopping_too(split, refinement):
+    Xtr, ytr, _, _ = split
+    params = dict(backend=CountingTextBackend(), vocabulary=["circle", "stick", "swan"], early_stopping=True,
+                  refinement=refinement, random_state=0)
+    carrot = CarrotClassifier(prompt_tuning=True, **params).fit(Xtr, ytr)
+    alone = CarrotClassifier(prompt_tuning=False, **params).fit(Xtr, ytr)
+    assert all(len(words) == 1 for words in carrot.prompt_candidates_)
+    assert carrot.n_queries_by_purpose_["prompt"] == 0
+    assert carrot.n_iter_ == alone.n_iter_  # the budget left is planned as the refiner alone plans it
+    assert carrot.n_queries_ == alone.n_queries_ + carrot.n_queries_by_purpose_["screen"]

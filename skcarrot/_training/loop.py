@@ -205,7 +205,10 @@ class CollaborativeLoop:
         When it has not (the text door's screening kept no word), the fit goes on as the
         refiner alone does: the prompt stays, and one query scores the view pool once.
         """
-        return self.search is not None and self.search.can_move()
+        if self.search is None:
+            return False
+        can_move = getattr(self.search, "can_move", None)  # optional: a search without it always moves
+        return True if can_move is None else bool(can_move())
 
     def use_kl(self) -> bool:
         """Whether this generation's refiner loss includes the consistency KL."""

@@ -6,8 +6,9 @@ did not train on, then refitted on all shots (no shot is held back from the fina
 1. **Zero-shot or refiner?** One query scores the view pool of every shot under the
    hand-written prompt (the query a refine-only fit spends anyway). K-fold cross-validation
    on those logits trains a refiner per fold and scores it on the fold's held-out originals
-   after 1/8, 1/4, 1/2 and all of the epochs a refine-only fit runs: no further query. The refiner
-   trains for the epochs with the lowest held-out Brier score (the full schedule fits the
+   after the epochs a refine-only fit runs and up to three halvings of them (none below 8
+   epochs; the full schedule only, with an explicit ``max_iter`` or one shot a class per
+   fold): no further query. The refiner trains for the epochs with the lowest held-out Brier score (the full schedule fits the
    shots' own domain more closely than held-out shots ask for, and generalises worse to
    images unlike them), and replaces the hand-written prompt when its score after all the
    epochs is lower (the best of several stops would flatter it).
@@ -161,6 +162,12 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
 
     ``saved``: a checkpoint of the final run, restored once the (deterministic) stages chose it again.
     """
+    if settings.fresh_views and settings.refinement:
+        raise ValueError(
+            "prompt_tuning='auto' chooses on one query of a fixed view pool, and fresh_views=True draws new "
+            "views each epoch instead: set prompt_tuning=True (the paper's protocol, as the dataset presets "
+            "do) or False, or fresh_views=False"
+        )
     refine_run = None
     if settings.refinement:
         refine_run = build_run(door, dataclasses.replace(settings, prompt_tuning=False, early_stopping=False),
@@ -189,7 +196,9 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
         # the choice then cost the text door 0.1-2.8 points against the full schedule).
         schedule = refine_run[1].n_generations
         fewest_trained = counts.min() - int(np.ceil(counts.min() / k))  # shots a class in a fold's training part
-        stops = epoch_stops(schedule) if fewest_trained >= _LEAST_FOLD_SHOTS else [schedule]
+        # An explicit max_iter is the user's schedule: it is kept.
+        chooses = fewest_trained >= _LEAST_FOLD_SHOTS and settings.max_iter is None
+        stops = epoch_stops(schedule) if chooses else [schedule]
         refined = np.empty((len(stops), len(y)), dtype=float)
         for f in range(k):
             train, held = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
@@ -204,8 +213,8 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
         use_refiner = gain > REFINER_MARGIN * se
         selection = Selection(
             "refine-only" if use_refiner else "zero-shot",
-            f"refiner's held-out gain in Brier score {gain:+.3f} ± {se:.3f} per image; "
-            f"{epochs} of {schedule} epochs by held-out loss",
+            f"refiner's held-out gain in Brier score {gain:+.3f} ± {se:.3f} per image"
+            + (f"; {epochs} of {schedule} epochs by held-out loss" if len(stops) > 1 else ""),
             refiner_gain=gain, refiner_epochs=epochs,
         )
 

@@ -164,11 +164,22 @@ def build_run(
         return loop, saved["run"]
 
     door.start(search, images, y)
+    if search is not None and not loop.prompt_moves():
+        # Nothing to search (the text door's screen kept no word): the budget left goes as the
+        # refiner alone would spend it, and no query scores identical prompt sets.
+        n_generations, costs = plan_generations(
+            settings.query_budget - start_cost, prompt_tuning=False, refinement=settings.refinement,
+            popsize=settings.popsize, fresh_views=settings.fresh_views, validation=use_validation,
+            max_iter=settings.max_iter,
+        )
+        costs["start"] += start_cost
+        if previous is None:
+            loop.kl_until = np.inf if settings.consistency_fraction >= 1 else settings.consistency_fraction * n_generations
     if search is not None and z is None:
         z = loop.z = search.coordinates()
         if previous is None:  # a warm start keeps the prompt it learned
             loop.prompt = search.current()
-    if early_stopping is not None:
+    if early_stopping is not None and n_generations > 0:  # with no generation there is nothing to choose from
         # The model the fit starts from is a candidate too: zero-shot (hand-written prompt,
         # identity refiner) on a fresh fit, the previous model on a warm start.
         start = Snapshot(loop.prompt, z, previous.refiner_weights if previous is not None else None, generation0)

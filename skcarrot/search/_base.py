@@ -24,7 +24,8 @@ class PromptSearch(Protocol):
     coordinates()
         The search's own coordinates of :meth:`current` (``z``, word choices).
     can_move()
-        Whether :meth:`ask` can offer anything but :meth:`current` (False, e.g., when
+        Optional (a search without it is taken to move). Whether :meth:`ask` can
+        offer anything but :meth:`current` (False, e.g., when
         screening kept no word: every candidate would be the same prompt, and scoring
         them would spend queries for nothing).
     state() / restore(state)
@@ -50,9 +51,6 @@ class PromptSearch(Protocol):
         ...  # pragma: no cover
 
     def coordinates(self) -> Any:
-        ...  # pragma: no cover
-
-    def can_move(self) -> bool:
         ...  # pragma: no cover
 
     def state(self) -> Any:

@@ -14,7 +14,8 @@ columns next to the classes' own prompts. A softmax over more strings keeps the
 ratios between them, so the log-probabilities of one query give every candidate's
 score relative to the classes' own prompts; repeating those prompts in each
 screening query makes queries comparable. Each class then keeps its own name and
-the few words that lower the training cross-entropy most when they replace it.
+the few words that lower the training cross-entropy most when they replace it, each by
+more than ``screen_margin`` standard errors (see :func:`screening_margin`).
 
 Queries are counted honestly: a screening prompt set with more strings than
 classes is still one query, and its images scored are counted as usual.
