@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["supports_prefix_sharing", "encode_shared_prefix"]
+__all__ = ["supports_prefix_sharing", "encode_pooled_rows"]
 
 
 def supports_prefix_sharing(tower: nn.Module) -> bool:
@@ -54,8 +54,9 @@ def _finish(block: nn.Module, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def encode_shared_prefix(tower: nn.Module, prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
-    """Hidden states of the suffix tokens after the last block.
+def encode_pooled_rows(tower: nn.Module, prefix: torch.Tensor, suffix: torch.Tensor,
+                       rows: torch.Tensor) -> torch.Tensor:
+    """Hidden state, after the last block, of the token each class's prompt is pooled at.
 
     Parameters
     ----------
@@ -64,10 +65,18 @@ def encode_shared_prefix(tower: nn.Module, prefix: torch.Tensor, suffix: torch.T
         Embeddings (positions added) of the shared tokens, one row per prompt offset.
     suffix : Tensor (C, Ls, D)
         Embeddings (positions added) of each class's remaining tokens.
+    rows : Tensor (C,)
+        The position in each class's suffix of the token the tower pools (end of text).
 
     Returns
     -------
-    hidden : Tensor (P, C, Ls, D)
+    hidden : Tensor (P, C, D)
+
+    The last block needs every row's keys and values but only the pooled row's attention
+    output, residual stream and MLP, so it computes those for that row alone; the prefix's own
+    output of the last block is never used, so it is not computed. The keys and values shared
+    by every class are copied once, straight into place. The result equals the plain forward
+    pass up to float rounding.
     """
     p, lp, d = prefix.shape
     c, ls, _ = suffix.shape
@@ -76,14 +85,19 @@ def encode_shared_prefix(tower: nn.Module, prefix: torch.Tensor, suffix: torch.T
     # suffix query i sees every prefix key and suffix keys 0..i
     mask = torch.ones(ls, lp + ls, dtype=torch.bool, device=prefix.device)
     mask[:, lp:] = torch.tril(mask[:, lp:])
-    for block in tower.transformer.resblocks:
-        qp, kp, vp = _qkv(block, xp)
+    blocks = list(tower.transformer.resblocks)
+    for block in blocks:
         qs, ks, vs = _qkv(block, xs)
+        qp, kp, vp = _qkv(block, xp)
         h, hd = kp.shape[1], kp.shape[3]
-        kp_all = kp.unsqueeze(1).expand(p, c, h, lp, hd).reshape(p * c, h, lp, hd)
-        vp_all = vp.unsqueeze(1).expand(p, c, h, lp, hd).reshape(p * c, h, lp, hd)
-        os_ = F.scaled_dot_product_attention(qs, torch.cat([kp_all, ks], 2), torch.cat([vp_all, vs], 2), attn_mask=mask)
+        k = torch.cat([kp.unsqueeze(1).expand(p, c, h, lp, hd), ks.view(p, c, h, ls, hd)], 3)
+        v = torch.cat([vp.unsqueeze(1).expand(p, c, h, lp, hd), vs.view(p, c, h, ls, hd)], 3)
+        os_ = F.scaled_dot_product_attention(qs, k.view(p * c, h, lp + ls, hd), v.view(p * c, h, lp + ls, hd),
+                                             attn_mask=mask)
+        if block is blocks[-1]:
+            seq, row = torch.arange(p * c, device=prefix.device), rows.repeat(p)
+            return _finish(block, xs[seq, row].unsqueeze(1), os_[seq, :, row].unsqueeze(2)).view(p, c, d)
         op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
         xs = _finish(block, xs, os_)
         xp = _finish(block, xp, op)
-    return xs.view(p, c, ls, d)
+    raise ValueError("the text tower has no blocks")

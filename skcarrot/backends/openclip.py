@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator
 
 from .._validation import check_offsets
@@ -30,7 +29,7 @@ from .._threads import threads_for, torch_threads
 from ..exceptions import WeightsUnavailableError
 from ._weights import check_weights_obtainable
 from ._base import check_prompt_sets
-from ._prefix import _finish, _qkv, supports_prefix_sharing
+from ._prefix import encode_pooled_rows, supports_prefix_sharing
 
 __all__ = ["OpenCLIPBackend", "OpenCLIPTextBackend", "WhiteBoxAccess", "register_model_configs"]
 
@@ -84,44 +83,6 @@ def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _encode_pooled_rows(tower: torch.nn.Module, prefix: torch.Tensor, suffix: torch.Tensor,
-                        rows: torch.Tensor) -> torch.Tensor:
-    """:func:`~skcarrot.backends._prefix.encode_shared_prefix`, only the hidden state of each pooled row.
-
-    ``rows`` ``(C,)``: the position in each class's suffix of the token the tower pools (end
-    of text). Returns ``(P, C, D)``. The last block needs every row's keys and values but only
-    the pooled row's attention output, residual stream and MLP, so it computes those for that
-    row alone; the prefix's own output of the last block is never used, so it is not computed.
-    Each row's arithmetic is unchanged: the result equals the pooled rows of
-    ``encode_shared_prefix`` bit for bit (on one thread; a batch of one or two rows on two
-    threads may differ in the last bit, where MKL picks another kernel for the smaller
-    matrix). The keys and values shared by every class are copied once, straight into place.
-    """
-    p, lp, d = prefix.shape
-    c, ls, _ = suffix.shape
-    xp = prefix
-    xs = suffix.unsqueeze(0).expand(p, c, ls, d).reshape(p * c, ls, d)
-    # suffix query i sees every prefix key and suffix keys 0..i
-    mask = torch.ones(ls, lp + ls, dtype=torch.bool, device=prefix.device)
-    mask[:, lp:] = torch.tril(mask[:, lp:])
-    blocks = list(tower.transformer.resblocks)
-    for block in blocks:
-        qs, ks, vs = _qkv(block, xs)
-        qp, kp, vp = _qkv(block, xp)
-        h, hd = kp.shape[1], kp.shape[3]
-        k = torch.cat([kp.unsqueeze(1).expand(p, c, h, lp, hd), ks.view(p, c, h, ls, hd)], 3)
-        v = torch.cat([vp.unsqueeze(1).expand(p, c, h, lp, hd), vs.view(p, c, h, ls, hd)], 3)
-        os_ = F.scaled_dot_product_attention(qs, k.view(p * c, h, lp + ls, hd), v.view(p * c, h, lp + ls, hd),
-                                             attn_mask=mask)
-        if block is blocks[-1]:
-            seq, row = torch.arange(p * c, device=prefix.device), rows.repeat(p)
-            return _finish(block, xs[seq, row].unsqueeze(1), os_[seq, :, row].unsqueeze(2)).view(p, c, d)
-        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-        xs = _finish(block, xs, os_)
-        xp = _finish(block, xp, op)
-    raise ValueError("the text tower has no blocks")
 
 
 def _image_key(img: Any) -> bytes:
@@ -262,7 +223,7 @@ class _LoadedBox:
             p = off.shape[0]
             if shared:
                 prefix = torch.cat([base[:1, :1].expand(p, -1, -1), base[0, 1:n_prefix] + off], dim=1)
-                hidden = _encode_pooled_rows(
+                hidden = encode_pooled_rows(
                     tower, prefix + pos[:n_prefix], base[:, n_prefix:] + pos[n_prefix:], end - n_prefix
                 )  # (p, C, D): only the pooled row of each sequence
                 x = tower.ln_final(hidden.reshape(p * n_classes, -1))
