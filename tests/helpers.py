@@ -1,4 +1,7 @@
-"""Test helpers: a strict black box and a digits few-shot split."""
+"""Test helpers: a strict black box, a digits few-shot split and a loopback HTTP server."""
+
+import threading
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 
@@ -71,3 +74,23 @@ def search_alone(backend, images, y, search, budget=None, n_steps=None):
     for _ in range(min(steps)):
         loop.generation_step()
     return door.counter
+
+
+class LoopbackServer:
+    """A threaded HTTP server on a free 127.0.0.1 port, serving ``handler`` inside a ``with`` block.
+
+    ``url`` is its address followed by ``path``.
+    """
+
+    def __init__(self, handler, path=""):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

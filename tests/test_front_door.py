@@ -2,9 +2,8 @@
 
 import json
 import logging
-import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -24,6 +23,8 @@ from skcarrot.backends import OpenCLIPTextBackend, embedded_backend
 from skcarrot.backends import _weights
 from skcarrot.datasets import DIGIT_WORDS, FASHION_CLASSES
 from skcarrot.exceptions import RemoteAuthenticationError, RemoteValidationError
+
+from helpers import LoopbackServer
 
 # -- class names the embedded model never learned ------------------------------------------------
 
@@ -115,7 +116,7 @@ def test_the_estimator_says_how_far_popsize_must_come_down():
 # -- servers that refuse: the URL and the token ---------------------------------------------------
 
 
-class _Server:
+class _Server(LoopbackServer):
     """A server on 127.0.0.1 that answers like FastAPI: ``POST /v1/zero-shot-image-classification`` needs a token."""
 
     def __init__(self, token="right"):
@@ -145,17 +146,7 @@ class _Server:
 
             do_GET = do_POST = do_HEAD = _answer
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def _image():

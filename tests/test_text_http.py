@@ -6,7 +6,7 @@ import json
 import pickle
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -19,10 +19,12 @@ from skcarrot.backends._base import log_probabilities  # noqa: E402
 from skcarrot.datasets import DIGIT_WORDS, load_digit_images  # noqa: E402
 from skcarrot.images import to_pil_images  # noqa: E402
 
+from helpers import LoopbackServer  # noqa: E402
+
 TOKEN = "test-secret"
 
 
-class ZeroShotServer:
+class ZeroShotServer(LoopbackServer):
     """The embedded model behind the public contract: one image per call, softmax over the labels.
 
     ``fail_first`` calls answer 503 with ``Retry-After: 0``; ``delay`` slows each call
@@ -79,17 +81,7 @@ class ZeroShotServer:
                     with server.lock:
                         server.in_flight -= 1
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/zero-shot"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, "/zero-shot")
 
 
 @pytest.fixture(scope="module")
