@@ -135,6 +135,25 @@ class ServerProcess:
 N_CTX, DIM = 4, 64  # the embedded model's context shape
 
 
+@contextlib.contextmanager
+def sqlite_app(tmp_path):
+    """A fresh app on a SQLite ledger under ``tmp_path``, in process: ``(app, client, db_url)``."""
+    from fastapi.testclient import TestClient
+
+    from skcarrot.serve import Settings, create_app
+
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    app = create_app(Settings(db_url=db))
+    with TestClient(app) as client:
+        yield app, client, db
+
+
+def score(client, key: str, ids: list, p: int = 1, class_names=("a", "b")):
+    """``POST /v1/score`` of the uploaded ``ids`` under ``p`` zero prompt offsets."""
+    payload = {"image_ids": ids, "class_names": list(class_names), "offsets": offsets_array(p)}
+    return client.post("/v1/score", json=payload, headers=auth(key))
+
+
 def noise_image(seed: int = 0, size: int = 8):
     """A random RGB image (PIL)."""
     import numpy as np

@@ -7,7 +7,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from servekit import auth, noise_image, offsets_array, upload  # noqa: E402
+from servekit import auth, noise_image, score, sqlite_app, upload  # noqa: E402
 
 from skcarrot.serve import Settings, create_app  # noqa: E402
 from skcarrot.serve.db import Database  # noqa: E402
@@ -17,15 +17,12 @@ from skcarrot.serve.ledger import Ledger  # noqa: E402
 
 @pytest.fixture
 def served(tmp_path):
-    db = f"sqlite:///{tmp_path / 'ledger.db'}"
-    app = create_app(Settings(db_url=db))
-    with TestClient(app) as client:
-        yield app, client, db
+    with sqlite_app(tmp_path) as app_client_db:
+        yield app_client_db
 
 
 def _score(client, key, ids, p=2):
-    payload = {"image_ids": ids, "class_names": ["one", "two"], "offsets": offsets_array(p)}
-    return client.post("/v1/score", json=payload, headers=auth(key))
+    return score(client, key, ids, p, class_names=("one", "two"))
 
 
 def _used(client, key):

@@ -8,8 +8,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from servekit import auth, noise_image, offsets_array, thread_server, upload  # noqa: E402
+from servekit import auth, noise_image, offsets_array, score, sqlite_app, thread_server, upload  # noqa: E402
 
 from skcarrot.cli import main  # noqa: E402
 from skcarrot.serve import Settings, create_app  # noqa: E402
@@ -17,15 +16,8 @@ from skcarrot.serve import Settings, create_app  # noqa: E402
 
 @pytest.fixture
 def served(tmp_path):
-    db = f"sqlite:///{tmp_path / 'ledger.db'}"
-    app = create_app(Settings(db_url=db))
-    with TestClient(app) as client:
-        yield app, client, db
-
-
-def _score(client, key, ids, p=1):
-    return client.post("/v1/score", headers=auth(key),
-                       json={"image_ids": ids, "class_names": ["a", "b"], "offsets": offsets_array(p)})
+    with sqlite_app(tmp_path) as app_client_db:
+        yield app_client_db
 
 
 def _cli(capsys, *args):
@@ -40,9 +32,9 @@ def test_revoke_takes_effect_for_the_very_next_charged_request(served, capsys):
     key = out.strip()
     assert status == 0 and key.startswith("skc_")
     ids = upload(client, key, noise_image(1))
-    assert _score(client, key, ids).status_code == 200  # the key is now in the server's cache
+    assert score(client, key, ids).status_code == 200  # the key is now in the server's cache
     assert _cli(capsys, "revoke", "mallory", "--db", db)[0] == 0
-    r = _score(client, key, ids)
+    r = score(client, key, ids)
     assert r.status_code == 401
     assert client.post("/v1/images", headers=auth(key), json={"images": []}).status_code in (401, 422)
     status, listing, _ = _cli(capsys, "list", "--db", db)
@@ -53,12 +45,12 @@ def test_rotate_keeps_the_account_and_stops_the_old_secret_at_once(served, capsy
     app, client, db = served
     _, old = app.state.server.ledger.create_key("carol", budget=10)
     ids = upload(client, old, noise_image(2))
-    assert _score(client, old, ids, p=3).status_code == 200
+    assert score(client, old, ids, p=3).status_code == 200
     status, out, err = _cli(capsys, "rotate", "carol", "--db", db)
     new = out.strip()
     assert status == 0 and new.startswith("skc_") and new != old and new not in err
-    assert _score(client, old, ids).status_code == 401  # although the old secret is still cached
-    r = _score(client, new, ids, p=2)  # same account: the images and the spending carry over
+    assert score(client, old, ids).status_code == 401  # although the old secret is still cached
+    r = score(client, new, ids, p=2)  # same account: the images and the spending carry over
     assert r.status_code == 200 and r.json()["remaining"] == 5
 
 
@@ -66,12 +58,12 @@ def test_set_budget_and_top_up_change_what_is_left(served, capsys):
     app, client, db = served
     _, key = app.state.server.ledger.create_key("dave", budget=5)
     ids = upload(client, key, noise_image(3))
-    assert _score(client, key, ids, p=5).status_code == 200
-    assert _score(client, key, ids).status_code == 402
+    assert score(client, key, ids, p=5).status_code == 200
+    assert score(client, key, ids).status_code == 402
     assert _cli(capsys, "top-up", "dave", "3", "--db", db)[0] == 0
-    assert _score(client, key, ids, p=3).status_code == 200
+    assert score(client, key, ids, p=3).status_code == 200
     assert _cli(capsys, "set-budget", "dave", "20", "--db", db)[0] == 0
-    r = _score(client, key, ids, p=2)
+    r = score(client, key, ids, p=2)
     assert r.status_code == 200 and r.json()["remaining"] == 10
     assert _cli(capsys, "set-budget", "nobody", "20", "--db", db)[0] == 2
     assert _cli(capsys, "top-up", "dave", "0", "--db", db)[0] == 2
