@@ -91,6 +91,8 @@ def test_auto_on_the_text_door_reports_its_choice(digits):
     assert clf.n_queries_ <= 250
     if clf.selection_["choice"] != "carrot":
         assert clf.n_queries_ <= 0.25 * 250 + 1
+    # The text door's short schedule (22 epochs at its default budget) is trained whole: no stop is chosen.
+    assert clf.selection_["refiner_epochs"] == 22 and "by held-out loss" not in clf.selection_["reason"]
 
 
 def test_verbose_says_what_was_chosen_and_what_it_cost(digits, capsys):
@@ -129,6 +131,9 @@ def test_the_epochs_with_the_lowest_held_out_loss_replace_the_full_schedule():
     assert selection._good_epochs(np.stack([base + 0.2, base, base + 0.05])) == 1  # the middle stop is best
     assert selection._good_epochs(np.stack([base + 0.2, base + 0.05, base])) == 2  # the full schedule is
     assert selection.epoch_stops(195) == [24, 48, 97, 195] and selection.epoch_stops(5) == [5]
+    # A schedule whose eighth is under 8 epochs is kept whole.
+    assert selection.epoch_stops(64) == [8, 16, 32, 64] and selection.epoch_stops(63) == [63]
+    assert selection.epoch_stops(22) == [22]
 
 
 def test_two_shots_a_class_train_the_full_schedule(digits):
