@@ -127,8 +127,8 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         screen keeps no word: then there is nothing to search and the refiner
         trains alone). "auto" pays for the
         search only where it pays: the refiner on the hand-written prompt is
-        chosen over the bare prompt, and its number of epochs picked, by
-        cross-validation on the logits of one query, then a pilot of the prompt search, cross-fitted on two halves of
+        chosen over the bare prompt, and its number of epochs picked (on a
+        schedule of 64 epochs or more), by cross-validation on the logits of one query, then a pilot of the prompt search, cross-fitted on two halves of
         the shots within a quarter of the budget, must beat it on the half it did
         not see by twice its standard error before the rest of the budget is
         spent; the choice is refitted on all shots (``selection_`` says what was
