@@ -136,13 +136,26 @@ def test_the_epochs_with_the_lowest_held_out_loss_replace_the_full_schedule():
     assert selection.epoch_stops(22) == [22]
 
 
-def test_two_shots_a_class_train_the_full_schedule(digits):
-    """A fold of two shots a class trains on one: too few to tell how long the refiner should train."""
+def test_two_shots_a_class_judge_the_refiner_at_its_best_stop(digits, monkeypatch):
+    """A fold of two shots a class trains on one, which the full schedule over-fits: the refiner is judged at its best stop."""
+    from skcarrot._training import selection
+
     Xtr, ytr, _, _ = digits
     two = np.concatenate([np.flatnonzero(ytr == c)[:2] for c in np.unique(ytr)])
+    stops_losses, calls = [], []
+    good_epochs, gain = selection._good_epochs, selection._gain
+    monkeypatch.setattr(selection, "_good_epochs", lambda losses: stops_losses.append(losses) or good_epochs(losses))
+    monkeypatch.setattr(selection, "_gain", lambda simple, candidate: calls.append((simple, candidate))
+                        or gain(simple, candidate))
     clf = CarrotClassifier(query_budget=800, popsize=8, intrinsic_dim=16, random_state=0).fit(Xtr[two], ytr[two])
-    assert clf.selection_["refiner_epochs"] == 800 // 9
-    assert clf.selection_["choice"] != "refine-only" or clf.n_iter_ == 800 // 9
+    stops = selection.epoch_stops(800 // 9)
+    epochs = clf.selection_["refiner_epochs"]
+    assert epochs in stops and f"{epochs} of {800 // 9} epochs" in clf.selection_["reason"]
+    assert clf.selection_["choice"] != "refine-only" or clf.n_iter_ == epochs
+    (losses,) = stops_losses
+    # The first call that weighs a refiner against something other than a refiner stop: against the bare prompt.
+    judged = next(c for s, c in calls if not any(np.array_equal(s, row) for row in losses))
+    np.testing.assert_array_equal(judged, losses[stops.index(epochs)])
 
 
 def test_auto_with_fresh_views_says_what_to_change(digits):
