@@ -57,6 +57,8 @@ SEARCH_MARGIN = 2.0
 EPOCH_MARGIN = 0.0
 _FOLDS = 4
 _FEWEST_EPOCHS = 8
+#: Shots a class a fold's refiner must train on for the refiner to be judged on its full schedule; with
+#: fewer (two shots a class in all) it is judged at its best stop, which the full schedule over-fits past.
 _LEAST_FOLD_SHOTS = 2
 #: Stops scored: the schedule and its halvings down to an eighth of it. A sixteenth was chosen in 3 of 40
 #: fits at 8-16 shots (seeds 100-119) and lost 0.8 points in domain on average, 5.8 on one split.
