@@ -34,6 +34,7 @@ from .datasets.benchmark import (
     load_benchmark,
     sample_few_shot,
 )
+from .backends.models import open_model
 from .presets import PRESETS, SETTINGS, preset_params
 
 __all__ = ["METHODS", "BenchError", "cell_path", "make_estimator", "paper_numbers", "plan_cells", "read_cells",
@@ -193,14 +194,6 @@ def _accuracy(est, X, y, label_subset=None) -> float:
     return float(np.mean(np.argmax(proba[:, cols], axis=1) == y))
 
 
-def _resolve_model(model: str | None, pretrained: str | None) -> tuple[str, str]:
-    from .backends.embedded import EMBEDDED_MODEL, EMBEDDED_WEIGHTS
-
-    if model is None or model == EMBEDDED_MODEL:
-        return EMBEDDED_MODEL, pretrained or EMBEDDED_WEIGHTS
-    return model, pretrained or "openai"
-
-
 def plan_cells(datasets: list[str], shots: list[int], seeds: list[int], methods: list[str]) -> list[tuple]:
     """The fits of a grid, in run order: ``(fit dataset, scored datasets, shots, seed, method)``.
 
@@ -262,11 +255,9 @@ def run_cell(cell: tuple, *, root: str | None, out: str | Path, model: str | Non
     >>> row["method"], row["queries"], row["fitted_on"]
     ('zeroshot', 0, 'digits')
     """
-    from .backends import OpenCLIPBackend
-
     fit_on, scored, k, seed, method = cell
-    model, pretrained = _resolve_model(model, pretrained)
-    backend = OpenCLIPBackend(model_name=model, pretrained=pretrained)  # weights: a per-process cache
+    backend = open_model(model, pretrained)  # weights: a per-process cache
+    model, pretrained = backend.model_name, backend.pretrained
     if datasets is None:
         datasets = _DatasetCache()
     fit_set = datasets.get_dataset(fit_on, root)
@@ -452,7 +443,7 @@ def run_bench(
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     resources = _parse_resources(resources)
-    model, pretrained = _resolve_model(model, pretrained)
+    open_model(model, pretrained, check=True)  # a name that can not be loaded fails before any cell runs
 
     out_dir = Path(out).resolve()  # workers may not share this process's working directory
     out_dir.mkdir(parents=True, exist_ok=True)

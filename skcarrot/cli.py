@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 def _add_serve_commands(sub) -> None:
     serve = sub.add_parser("serve", help="serve a model behind a metered HTTP API (needs the 'serve' extra)")
     serve.add_argument("--model", default=None, help="open_clip model name (default: the embedded model)")
-    serve.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file of --model")
+    serve.add_argument("--pretrained", default=None,
+                       help="pretrained tag or checkpoint file of --model (default: the embedded weights, or "
+                            "'openai', or the model's first tag); 'random' for random weights, with a warning")
     serve.add_argument("--template", default="a photo of a {}.", help="prompt template (default 'a photo of a {}.')")
     serve.add_argument("--device", default="auto", help="torch device (default auto)")
     serve.add_argument("--db", default=None,
@@ -158,6 +160,13 @@ def _serve(args) -> int:
         Ledger(db).dispose()  # fail here, clearly, rather than in every worker
     except Exception as exc:  # noqa: BLE001 - any database error is reported the same way
         print(f"skcarrot serve: error: cannot open the ledger {db!r}: {exc}", file=sys.stderr)
+        return 2
+    from .backends.models import open_model
+
+    try:  # a name the server can not load fails here, before it listens, as the estimator's would
+        open_model(args.model, args.pretrained, template=args.template, device=args.device, check=True)
+    except (ValueError, OSError) as exc:
+        print(f"skcarrot serve: error: {exc}", file=sys.stderr)
         return 2
     # Each worker builds its own app from these (uvicorn --factory), so N workers share the ledger.
     export_worker_env(db_url=db, model_name=args.model, pretrained=args.pretrained, template=args.template,

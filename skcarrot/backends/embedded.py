@@ -11,24 +11,17 @@ documentation and :mod:`skcarrot.pretrain` for how it was made.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
 
+from .models import DEFAULT_TEMPLATE, EMBEDDED_MODEL, EMBEDDED_WEIGHTS, open_model
 from .openclip import OpenCLIPBackend
 
 __all__ = ["EMBEDDED_MODEL", "EMBEDDED_WEIGHTS", "OpenCLIPTextBackend", "embedded_backend", "resolve_backend"]
 
-#: open_clip model name of the embedded model.
-EMBEDDED_MODEL = "skcarrot-micro-clip"
-
-#: Path of its shipped fp16 weights.
-EMBEDDED_WEIGHTS = str(Path(__file__).resolve().parent.parent / "weights" / f"{EMBEDDED_MODEL}.safetensors")
-
-
-def embedded_backend(template: str = "a photo of a {}.", device: str = "auto") -> OpenCLIPBackend:
+def embedded_backend(template: str = DEFAULT_TEMPLATE, device: str = "auto") -> OpenCLIPBackend:
     """The default black box: the embedded micro CLIP, loaded offline.
 
     Parameters
@@ -48,12 +41,7 @@ def embedded_backend(template: str = "a photo of a {}.", device: str = "auto") -
     >>> embedded_backend().context_shape
     (4, 64)
     """
-    if not Path(EMBEDDED_WEIGHTS).is_file():
-        raise FileNotFoundError(
-            f"the embedded model's weights are missing from the installation ({EMBEDDED_WEIGHTS}); "
-            "reinstall skcarrot or regenerate them with 'python -m skcarrot.pretrain'"
-        )
-    return OpenCLIPBackend(model_name=EMBEDDED_MODEL, pretrained=EMBEDDED_WEIGHTS, template=template, device=device)
+    return open_model(None, template=template, device=device)
 
 
 def resolve_backend(backend: Any) -> Any:

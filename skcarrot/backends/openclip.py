@@ -31,7 +31,7 @@ from ._weights import check_weights_obtainable
 from ._base import check_prompt_sets
 from ._prefix import encode_pooled_rows, supports_prefix_sharing
 
-__all__ = ["OpenCLIPBackend", "OpenCLIPTextBackend", "WhiteBoxAccess", "register_model_configs"]
+__all__ = ["OpenCLIPBackend", "WhiteBoxAccess", "register_model_configs"]
 
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
 _MODELS: dict[tuple, "_LoadedBox"] = {}

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.models import DEFAULT_TEMPLATE, EMBEDDED_WEIGHTS
+
 __all__ = ["Scorer", "FairLock", "ModelOutputError", "one_call"]
 
 # The Settings fields that say which model to serve.
@@ -100,8 +102,6 @@ def _public_weights(pretrained: str | None) -> str | None:
     """What clients are told of the weights: a pretrained tag, never a file's path."""
     if pretrained is None:
         return None
-    from ..backends.embedded import EMBEDDED_WEIGHTS
-
     if os.path.abspath(pretrained) == os.path.abspath(EMBEDDED_WEIGHTS):
         return "embedded"
     if os.sep in pretrained or (os.altsep and os.altsep in pretrained) or os.path.exists(pretrained):
@@ -134,17 +134,17 @@ class Scorer:
         self,
         model_name: str | None = None,
         pretrained: str | None = None,
-        template: str = "a photo of a {}.",
+        template: str = DEFAULT_TEMPLATE,
         device: str = "auto",
         backend: Any = None,
     ) -> None:
-        from ..backends.embedded import embedded_backend
+        from ..backends.models import open_model
         from ..backends.openclip import OpenCLIPBackend
 
-        if backend is None and model_name is None:
-            backend = embedded_backend(template=template, device=device)
-        elif backend is None:
-            backend = OpenCLIPBackend(model_name=model_name, pretrained=pretrained, template=template, device=device)
+        if backend is None:
+            # The same resolver as the estimator's and the benchmark's: a name means the same weights
+            # everywhere, random weights only when asked for, and weights that can not be had fail now.
+            backend = open_model(model_name, pretrained, template=template, device=device, check=True)
         self.backend = backend
         self.text_capable = isinstance(backend, OpenCLIPBackend)
         params = backend.get_params() if hasattr(backend, "get_params") else {}
