@@ -21,8 +21,8 @@ from sklearn.utils.validation import check_is_fitted
 from ._training import (
     Checkpointer,
     FitSettings,
-    PreviousFit,
     Progress,
+    StartingPoint,
     start_fit,
     fit_fingerprint,
     read_checkpoint,
@@ -320,19 +320,18 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         self.verbose = verbose
         self.warm_start = warm_start
 
-    def _previous_fit(self, classes: np.ndarray, door: str) -> PreviousFit | None:
-        """What a warm start continues from (None for a new fit); refuses a changed class set or door."""
+    def _starting_point(self, classes: np.ndarray, door: str) -> StartingPoint:
+        """Where this fit starts: fresh, or the previous fit on a warm start (refusing a changed class set or door)."""
         if not (self.warm_start and hasattr(self, "classes_")):
-            return None
+            return StartingPoint()
         if len(classes) != len(self.classes_) or np.any(classes != self.classes_):
             raise ValueError(
                 f"warm_start can not change the classes: fitted with {list(self.classes_)}, got {list(classes)}"
             )
         if door != self.door_:
             raise ValueError(f"warm_start can not change the door: fitted on the {self.door_} door, got {door}")
-        state = self._prompt_state
-        return PreviousFit(state["prompt"], state["z"], state, self.refiner_weights_, self.n_iter_,
-                           self._kl_until, self.history_)
+        return StartingPoint.continuing(self._prompt_state, self.refiner_weights_, self.n_iter_, self._kl_until,
+                                        self.history_)
 
     # ---------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -358,31 +357,31 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         backend = resolve_backend(self.backend)
         warn_if_unknown_to(backend, names, stacklevel=3)
         door_type = pick_door(backend, self.door)
-        previous = self._previous_fit(classes, door_type.name)
+        start = self._starting_point(classes, door_type.name)
         params = self.get_params(deep=False)
         settings = FitSettings.resolve(params, door_type)
         door = door_type(backend, names, budget=settings.query_budget)
-        saved = run_id = None
+        run_id = None
         if self.checkpoint is not None:
-            run_id = fit_fingerprint(images, y_idx, params, classes, previous and previous.generation)
-            saved = read_checkpoint(self.checkpoint, run_id)
+            run_id = fit_fingerprint(images, y_idx, params, classes, start.warm_from)
+            start.saved = read_checkpoint(self.checkpoint, run_id)
         with requests_named_by(backend, run_id, door.counter):
-            loop, run, selection = start_fit(door, settings, images, y_idx, self.random_state, previous, saved)
+            loop, run, selection = start_fit(door, settings, images, y_idx, self.random_state, start)
             run.fingerprint = run_id
             callbacks = [Progress(loop, run, verbose=self.verbose, by_query=loop.prompt_moves(),
                                   patience=settings.n_iter_no_change, selection=selection)]
             if self.checkpoint is not None:
                 callbacks.append(Checkpointer(self.checkpoint, self.checkpoint_every))
             run_generations(loop, run, callbacks)
-        self._store(door, loop, run, previous, classes, names, X)
+        self._store(door, loop, run, start, classes, names, X)
         self.selection_ = None if selection is None else dataclasses.asdict(selection)
         self.fit_time_ = time.perf_counter() - start_time
         return self
 
-    def _store(self, door, loop, run, previous, classes, names, X) -> None:
+    def _store(self, door, loop, run, start, classes, names, X) -> None:
         """Write every fitted attribute, and only here: a fit that fails leaves the old model intact."""
         result = loop.result()
-        attributes, self._prompt_state = door.fitted(result, loop.search, run.seeds, previous)
+        attributes, self._prompt_state = door.fitted(result, loop.prompt.search, run.seeds, start)
         for name in fitted_attribute_names():  # the other doors' attributes are None
             setattr(self, name, attributes.get(name))
         counter = loop.counter

@@ -59,15 +59,15 @@ def search_alone(backend, images, y, search, budget=None, n_steps=None):
 
     Returns the door's query counter. Without ``n_steps``, as many steps as the budget allows.
     """
-    from skcarrot._training import CollaborativeLoop
+    from skcarrot._training import CollaborativeLoop, NullRefiner, PromptModule
     from skcarrot.doors import TextDoor
 
     door = TextDoor(backend, search.class_names, budget=budget)
     door.start(search, images, np.asarray(y))
     loop = CollaborativeLoop(
-        door=door, images=list(images), y=np.asarray(y), search=search, refiner=None, optimizer=None, views=None,
-        rng=np.random.RandomState(0), consistency_weight=0.0, kl_until=0, batch_size=1,
-        prompt=search.current(), z=search.coordinates(),
+        door=door, images=list(images), y=np.asarray(y),
+        prompt=PromptModule(search, search.current(), search.coordinates()), refiner=NullRefiner(),
+        rng=np.random.RandomState(0), consistency_weight=0.0, kl_until=0,
     )
     affordable = None if budget is None else door.counter.remaining // search.popsize
     steps = [s for s in (n_steps, affordable) if s is not None]

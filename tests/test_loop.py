@@ -8,7 +8,16 @@ import torch
 from helpers import FAST, StrictBackend, scored
 
 from skcarrot import CarrotClassifier, ToyBackend
-from skcarrot._training import CollaborativeLoop, FreshViews, ViewPool, plan_generations
+from skcarrot._training import (
+    CollaborativeLoop,
+    FreshViews,
+    NullPrompt,
+    NullRefiner,
+    PromptModule,
+    RefinerModule,
+    ViewPool,
+    plan_generations,
+)
 from skcarrot.doors import EmbeddingDoor
 from skcarrot.images import to_pil_images
 from skcarrot.losses import consistency_kl, prompt_fitness, refiner_loss
@@ -21,18 +30,21 @@ def make_loop(digits, *, prompt=True, refine=True, fresh=False, budget=None):
     images = to_pil_images(Xtr)
     names = [str(c) for c in range(10)]
     backend = ToyBackend()
-    search = CMAESPromptSearch(backend.context_shape, 8, 0.2, 1.0, 6, 5.0, projection_seed=1, cma_seed=2) if prompt else None
-    refiner = optimizer = views = None
+    zero = np.zeros(backend.context_shape, np.float32)
+    if prompt:
+        search = CMAESPromptSearch(backend.context_shape, 8, 0.2, 1.0, 6, 5.0, projection_seed=1, cma_seed=2)
+        prompt_module = PromptModule(search, zero, None)
+    else:
+        prompt_module = NullPrompt(zero, None)
     rng = np.random.RandomState(0)
+    refiner = NullRefiner()
     if refine:
-        refiner = ResidualRefiner(10, 16, torch.Generator().manual_seed(0))
-        optimizer = torch.optim.Adam(refiner.parameters(), lr=1e-2)
+        network = ResidualRefiner(10, 16, torch.Generator().manual_seed(0))
         views = FreshViews(images, "crop") if fresh else ViewPool(images, 3, "crop", rng)
+        refiner = RefinerModule(network, torch.optim.Adam(network.parameters(), lr=1e-2), views, batch_size=16)
     return CollaborativeLoop(
         door=EmbeddingDoor(backend, names, budget=budget), images=images, y=np.asarray(ytr),
-        search=search, refiner=refiner,
-        optimizer=optimizer, views=views, rng=rng, consistency_weight=0.1, kl_until=2, batch_size=16,
-        prompt=np.zeros(backend.context_shape, np.float32), z=None,
+        prompt=prompt_module, refiner=refiner, rng=rng, consistency_weight=0.1, kl_until=2,
     )
 
 
@@ -46,14 +58,14 @@ def test_a_generation_spends_popsize_plus_one_queries_and_sends_each_image_twice
     assert loop.counter.images_by_purpose == {"prompt": n, "refiner": n}
     assert loop.counter.n_images_scored == 2 * n
     assert np.isfinite(record["best_fitness"]) and np.isfinite(record["refiner_loss"])
-    assert not np.allclose(loop.prompt, 0.0)  # the prompt moved
+    assert not np.allclose(loop.prompt.prompt, 0.0)  # the prompt moved
 
 
 def test_prompt_step_asks_scores_and_tells(digits):
     loop = make_loop(digits, refine=False)
-    before = loop.search.es.countiter
-    out = loop.prompt_step()
-    assert loop.search.es.countiter == before + 1
+    before = loop.prompt.search.es.countiter
+    out = loop.prompt.step(loop)
+    assert loop.prompt.search.es.countiter == before + 1
     assert loop.counter.n_queries == 6
     assert set(out) == {"best_fitness", "mean_fitness", "train_accuracy"}
     assert out["best_fitness"] <= out["mean_fitness"]
@@ -69,8 +81,8 @@ def test_refine_only_with_a_fixed_pool_scores_the_pool_once(digits):
 
 def test_fresh_views_cost_one_query_per_epoch_and_differ(digits):
     loop = make_loop(digits, prompt=False, fresh=True)
-    first = loop.views.epoch_views(np.random.RandomState(0))
-    second = loop.views.epoch_views(np.random.RandomState(1))
+    first = loop.refiner.views.epoch_views(np.random.RandomState(0))
+    second = loop.refiner.views.epoch_views(np.random.RandomState(1))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second))
     for _ in range(3):
         loop.generation_step()
@@ -80,13 +92,13 @@ def test_fresh_views_cost_one_query_per_epoch_and_differ(digits):
 def test_the_gate_turns_the_consistency_loss_off(digits):
     loop = make_loop(digits)
     seen = []
-    train_epoch = loop.refiner.train_epoch
+    train_epoch = loop.refiner.network.train_epoch
 
     def spy(*args, weight, **kwargs):
         seen.append(weight)
         return train_epoch(*args, weight=weight, **kwargs)
 
-    loop.refiner.train_epoch = spy
+    loop.refiner.network.train_epoch = spy
     for _ in range(4):
         loop.generation_step()
     assert seen == [0.1, 0.1, 0.0, 0.0]  # kl_until=2

@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["fingerprint", "fit_fingerprint", "read_checkpoint", "requests_named_by", "write_checkpoint"]
 
-_FORMAT = 2
+_FORMAT = 3  # 3: the loop saves each module's state and the counter's
 # Parameters that do not change a fit's trajectory: where it runs, what it prints, where it saves.
 _NOT_IN_FINGERPRINT = {"backend", "verbose", "checkpoint", "checkpoint_every", "warm_start"}
 

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn.utils import check_random_state
 
 from .._math import softmax
 from ..refiner import refine_logits
 from .loop import BudgetTooSmallError, run_generations
+from .start import StartingPoint
 from .state import FitSettings, build_run
 
 __all__ = ["Selection", "select_and_build", "start_fit"]
@@ -57,6 +57,12 @@ SEARCH_MARGIN = 2.0
 EPOCH_MARGIN = 0.0
 _FOLDS = 4
 _FEWEST_EPOCHS = 8
+# Offsets from the refine-only run's loop seed: each stage draws from a generator of its own, so adding
+# or dropping one stage leaves the others' draws as they were. Fold f's refiner is seeded FOLD + f.
+_FOLD_SEED = 0
+_HALVES_SEED = 97  # the pilot's two halves of the shots
+_PILOT_SEED_STEP = 11  # half h's pilot run is seeded (h + 1) * _PILOT_SEED_STEP
+_PILOT_REFINER_SEED = 50  # the refiner the pilot is compared with on half h: _PILOT_REFINER_SEED + h
 #: Shots a class a fold's refiner must train on for the refiner to be judged on its full schedule; with
 #: fewer (two shots a class in all) it is judged at its best stop, which the full schedule over-fits past.
 _LEAST_FOLD_SHOTS = 2
@@ -111,19 +117,16 @@ def _refine_path(refine_run, idx: np.ndarray, seed: int, stops: list[int]) -> li
     schedule and view draws as the refine-only fit, read off at each stop.
     """
     loop, _ = refine_run
+    loop.pool_scores()  # bought once, by the caller's first look at the shots
     fold = dataclasses.replace(
         loop, images=[loop.images[i] for i in idx], y=loop.y[idx], rng=np.random.RandomState(seed),
-        refiner=None, optimizer=None, _pool_scores=loop.pool_scores()[:, idx],
+        refiner=loop.refiner.fold(idx, seed), generation=0, early_stopping=None,
     )
-    refiner = type(loop.refiner)(loop.refiner.fc1.in_features, loop.refiner.fc1.out_features,
-                                 torch.Generator().manual_seed(seed))
-    fold.refiner, fold.optimizer = refiner, torch.optim.Adam(refiner.parameters(), lr=loop.optimizer.defaults["lr"])
-    fold.generation, fold.early_stopping = 0, None
     path = []
     for epoch in range(1, max(stops) + 1):
         fold.generation_step()
         if epoch in stops:
-            path.append(refiner.get_weights())
+            path.append(fold.refiner.weights())
     return path
 
 
@@ -165,11 +168,12 @@ def _good_epochs(losses: np.ndarray) -> int:
 
 
 def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarray, random_state: Any,
-                     saved: dict | None = None) -> tuple[Any, Any, Selection]:
+                     start: StartingPoint | None = None) -> tuple[Any, Any, Selection]:
     """Run the stages and build the final run: ``(loop, run, selection)``; the run's generations are left to run.
 
-    ``saved``: a checkpoint of the final run, restored once the (deterministic) stages chose it again.
+    ``start.saved``: a checkpoint of the final run, restored once the (deterministic) stages chose it again.
     """
+    start = StartingPoint() if start is None else start
     if settings.fresh_views and settings.refinement:
         raise ValueError(
             "prompt_tuning='auto' chooses on one query of a fixed view pool, and fresh_views=True draws new "
@@ -190,7 +194,7 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
     if counts.min() < 2:
         choice = "refine-only" if settings.refinement else "zero-shot"
         selection = Selection(choice, "one shot in some class: nothing can be held out")
-        return _final(door, settings, images, y, random_state, selection, refine_run, saved)
+        return _final(door, settings, images, y, random_state, selection, refine_run, start)
 
     # Stage 1: zero-shot or refiner, by K-fold cross-validation on the logits already paid for.
     zero_shot = _per_image_loss(originals, y)
@@ -206,7 +210,7 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
         refined = np.empty((len(stops), len(y)), dtype=float)
         for f in range(k):
             train, held = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
-            for j, weights in enumerate(_refine_path(refine_run, train, seed + f, stops)):
+            for j, weights in enumerate(_refine_path(refine_run, train, seed + _FOLD_SEED + f, stops)):
                 refined[j, held] = _per_image_loss(refine_logits(originals[held], weights), y[held])
         best = _good_epochs(refined)
         epochs = stops[best]
@@ -230,23 +234,24 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
 
     # Stage 2: a cross-fitted pilot of the full method within a quarter of the budget.
     pilot_budget = int(PILOT_FRACTION * settings.query_budget) // 2
-    halves = _stratified_folds(y, 2, np.random.RandomState(seed + 97))
+    halves = _stratified_folds(y, 2, np.random.RandomState(seed + _HALVES_SEED))
     pilot = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False, query_budget=pilot_budget)
     before = door.counter.n_queries
     simple, full = np.empty(len(y)), np.empty(len(y))
     try:
         for h in (0, 1):
             train, held = np.flatnonzero(halves != h), np.flatnonzero(halves == h)
-            pilot_loop, pilot_run = build_run(door, pilot, [images[i] for i in train], y[train], seed + 11 * (h + 1))
+            pilot_loop, pilot_run = build_run(door, pilot, [images[i] for i in train], y[train],
+                                              seed + _PILOT_SEED_STEP * (h + 1))
             run_generations(pilot_loop, pilot_run)
             result = pilot_loop.result()
             held_logits = door.score([images[i] for i in held], door.one(result.prompt), "pilot")[0]
             full[held] = _per_image_loss(refine_logits(held_logits, result.refiner_weights), y[held])
-            weights = _refine_path(refine_run, train, seed + 50 + h, [epochs])[0] if use_refiner else None
+            weights = _refine_path(refine_run, train, seed + _PILOT_REFINER_SEED + h, [epochs])[0] if use_refiner else None
             simple[held] = _per_image_loss(refine_logits(originals[held], weights), y[held])
     except BudgetTooSmallError as exc:  # a quarter of the budget can not buy a pilot generation
         selection.reason += f"; no pilot of the prompt search ({exc})"
-        return _final(door, settings, images, y, random_state, selection, refine_run, saved)
+        return _final(door, settings, images, y, random_state, selection, refine_run, start)
     selection.pilot_queries = door.counter.n_queries - before
     gain, se = _gain(simple, full)
     selection.search_gain = gain
@@ -254,34 +259,33 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
     selection.reason += f"; prompt search pilot's held-out gain {gain:+.3f} ± {se:.3f}"
     if pays:
         selection.choice = "carrot"
-    return _final(door, settings, images, y, random_state, selection, refine_run, saved)
+    return _final(door, settings, images, y, random_state, selection, refine_run, start)
 
 
-def _final(door, settings, images, y, random_state, selection: Selection, refine_run, saved):
+def _final(door, settings, images, y, random_state, selection: Selection, refine_run, start: StartingPoint):
     if selection.choice == "refine-only":
         loop, run = refine_run
-        if saved is not None:
-            loop.restore(saved["loop"])
-            run = saved["run"]
+        if start.saved is not None:  # the stages chose this run again: it goes on from its checkpoint
+            loop.restore(start.saved["loop"])
+            run = start.saved["run"]
         return loop, run, selection
     if selection.choice == "zero-shot":
         final = dataclasses.replace(settings, prompt_tuning=False, refinement=False, early_stopping=False)
     else:
         final = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False,
                                     query_budget=int(door.counter.remaining))
-    return (*build_run(door, final, images, y, random_state, saved=saved), selection)
+    return (*build_run(door, final, images, y, random_state, start), selection)
 
 
 def start_fit(door: Any, settings: FitSettings, images: list, y: np.ndarray, random_state: Any,
-              previous: Any = None, saved: dict | None = None) -> tuple[Any, Any, Selection | None]:
+              start: StartingPoint | None = None) -> tuple[Any, Any, Selection | None]:
     """The run of a fit, whatever ``prompt_tuning`` says: ``(loop, run, selection)``.
 
     ``"auto"`` runs the stages of this module on a new fit (``selection`` says what they
     chose); a warm start continues the mode its previous fit ended in.
     """
+    start = StartingPoint() if start is None else start
+    settings = dataclasses.replace(settings, prompt_tuning=start.mode(settings.prompt_tuning))
     if settings.prompt_tuning != "auto":
-        return (*build_run(door, settings, images, y, random_state, previous, saved), None)
-    if previous is not None:
-        settings = dataclasses.replace(settings, prompt_tuning=bool(previous.state.get("searched")))
-        return (*build_run(door, settings, images, y, random_state, previous, saved), None)
-    return select_and_build(door, settings, images, y, random_state, saved)
+        return (*build_run(door, settings, images, y, random_state, start), None)
+    return select_and_build(door, settings, images, y, random_state, start)

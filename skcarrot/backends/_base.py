@@ -350,6 +350,19 @@ class QueryCounter:
         self._context_shape: tuple[int, int] | None = None
         self._returns: str | None = None
 
+    #: The counts :meth:`state` saves (and :meth:`restore` puts back): what was spent, nothing of the backend.
+    _COUNTS = ("n_queries", "n_images_scored", "n_pairs_scored", "by_purpose", "images_by_purpose")
+
+    def state(self) -> dict:
+        """The counts so far, as a picklable dict (for a checkpoint); the budget and the backend are not in it."""
+        return {name: (dict(value) if isinstance(value, dict) else value)
+                for name in self._COUNTS if (value := getattr(self, name, None)) is not None}
+
+    def restore(self, state: dict) -> None:
+        """Continue counting from :meth:`state`: a resumed fit's counts are those of the fit that saved it."""
+        for name, value in state.items():
+            setattr(self, name, dict(value) if isinstance(value, dict) else value)
+
     @property
     def remaining(self) -> int | None:
         """Queries left, or ``None`` when unlimited."""

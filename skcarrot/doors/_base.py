@@ -87,12 +87,21 @@ class Door:
         raise NotImplementedError
 
     # -- the prompt search -----------------------------------------------------------------
-    def build_search(self, settings: Any, seeds: dict, previous: Any) -> Any:
+    def query_cost(self, n_images: int) -> int:
+        """Queries one prompt costs, scored on ``n_images`` images: what the run plan counts in.
+
+        One here: a call scores a prompt on every image it carries. A door whose black box
+        bills each image (or each part of a call) apart returns more.
+        """
+        return 1
+
+    def build_search(self, settings: Any, seeds: dict, start: Any) -> Any:
         """The prompt search of this fit (None without prompt tuning); spends no query.
 
         ``settings`` is the fit's :class:`~skcarrot._training.FitSettings`,
-        ``seeds`` its seeds (a warm start may pin one), ``previous`` the
-        :class:`~skcarrot._training.PreviousFit` a warm start continues, or None.
+        ``seeds`` its seeds (read, never changed), ``start`` the
+        :class:`~skcarrot._training.StartingPoint` (``start.state`` is what this
+        door's :meth:`fitted` recorded of the fit a warm start continues; ``{}`` on a fresh fit).
         """
         raise NotImplementedError
 
@@ -104,7 +113,7 @@ class Door:
         """Work the search needs on the training shots before its first generation."""
 
     # -- what the fit leaves behind ----------------------------------------------------------
-    def fitted(self, result: Any, search: Any, seeds: dict, previous: Any) -> tuple[dict, dict]:
+    def fitted(self, result: Any, search: Any, seeds: dict, start: Any) -> tuple[dict, dict]:
         """``(attributes, state)`` of a finished fit.
 
         ``attributes`` maps names of :attr:`fitted_attributes` to values;

@@ -62,25 +62,28 @@ class EmbeddingDoor(Door):
     def zero_shot_prompt(self) -> np.ndarray:
         return np.zeros(self.context_shape, dtype=np.float32)
 
-    def build_search(self, settings: Any, seeds: dict, previous: Any) -> CMAESPromptSearch | None:
-        if previous is not None:
-            if tuple(previous.prompt.shape) != self.context_shape:
-                raise ValueError("warm_start can not change the backend's context shape")
-            if previous.z is not None:
-                seeds["projection"] = previous.state["projection_seed"]  # the same A: the old z keeps its meaning
+    def build_search(self, settings: Any, seeds: dict, start: Any) -> CMAESPromptSearch | None:
+        if start.prompt is not None and tuple(np.shape(start.prompt)) != self.context_shape:
+            raise ValueError(
+                f"warm_start can not change the backend's context shape: the fitted prompt offset is "
+                f"{tuple(np.shape(start.prompt))}, the backend takes {self.context_shape}; fit a new estimator "
+                "(warm_start=False) for this backend"
+            )
         if not settings.prompt_tuning:
             return None
-        x0 = None
-        if previous is not None and previous.z is not None and len(previous.z) == settings.intrinsic_dim:
-            x0 = previous.z
+        # A warm start keeps its projection A, so that its z keeps its meaning.
+        projection_seed = start.state["projection_seed"] if start.z is not None else seeds["projection"]
+        x0 = start.z if start.z is not None and len(start.z) == settings.intrinsic_dim else None
         return CMAESPromptSearch(
             self.context_shape, settings.intrinsic_dim, settings.projection_std, settings.sigma,
-            settings.popsize, settings.bound, projection_seed=seeds["projection"], cma_seed=seeds["cma"], x0=x0,
+            settings.popsize, settings.bound, projection_seed=projection_seed, cma_seed=seeds["cma"], x0=x0,
         )
 
-    def fitted(self, result: Any, search: Any, seeds: dict, previous: Any) -> tuple[dict, dict]:
+    def fitted(self, result: Any, search: Any, seeds: dict, start: Any) -> tuple[dict, dict]:
         offset = np.asarray(result.prompt, dtype=np.float32).copy()
         z = None if result.z is None else np.asarray(result.z, dtype=np.float64)
-        state = {"prompt": offset, "z": z, "projection_seed": seeds["projection"] if z is not None else None,
+        # The projection that gives z its meaning: this fit's search's, or the one a warm start kept.
+        projection_seed = search.projection_seed if search is not None else start.state.get("projection_seed")
+        state = {"prompt": offset, "z": z, "projection_seed": projection_seed if z is not None else None,
                  "searched": z is not None}
         return {"prompt_offset_": offset, "prompt_z_": z}, state

@@ -78,10 +78,10 @@ class TextDoor(Door):
     def zero_shot_prompt(self) -> list[str]:
         return [self.template.format(name) for name in self.class_names]
 
-    def build_search(self, settings: Any, seeds: dict, previous: Any) -> TextPromptSearch | None:
+    def build_search(self, settings: Any, seeds: dict, start: Any) -> TextPromptSearch | None:
         if not settings.prompt_tuning:
             return None
-        known = previous.state if previous is not None else {}
+        known = start.state  # what a warm start's search had screened and learned; {} on a fresh fit
         candidates = known.get("candidates")
         vocabulary, n_words = settings.vocabulary, None
         if vocabulary is None:
@@ -106,15 +106,13 @@ class TextDoor(Door):
         if search is not None and not search.screened_:
             search.screen(self.counter, images, y)
 
-    def fitted(self, result: Any, search: Any, seeds: dict, previous: Any) -> tuple[dict, dict]:
+    def fitted(self, result: Any, search: Any, seeds: dict, start: Any) -> tuple[dict, dict]:
         prompt = list(result.prompt)
         if search is not None:
             candidates = [list(c) for c in search.candidates_]
             logits = [theta.copy() for theta in search.logits_]
-        elif previous is not None:  # a warm fit without prompt tuning keeps the search it had
-            candidates, logits = previous.state.get("candidates"), previous.state.get("logits")
-        else:
-            candidates = logits = None
+        else:  # a warm fit without prompt tuning keeps the search it had (none on a fresh fit)
+            candidates, logits = start.state.get("candidates"), start.state.get("logits")
         state = {"prompt": prompt, "z": None, "candidates": candidates, "logits": logits,
                  "searched": candidates is not None}
         return {"prompt_": prompt, "prompt_candidates_": candidates}, state

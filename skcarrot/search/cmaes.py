@@ -112,6 +112,7 @@ class CMAESPromptSearch:
         x0: np.ndarray | None = None,
     ) -> None:
         self.context_shape = tuple(context_shape)
+        self.projection_seed = int(projection_seed)  # what a warm start needs to give its z the same meaning
         self.projection = projection_matrix(intrinsic_dim, self.context_shape, projection_std, projection_seed)
         if x0 is None:
             x0 = np.zeros(intrinsic_dim)
