@@ -149,3 +149,39 @@ def test_a_restored_search_continues_on_the_same_trajectory(make):
     first.tell(h1, np.arange(4.0))
     second.tell(h2, np.arange(4.0))
     np.testing.assert_array_equal(np.asarray(first.coordinates()), np.asarray(second.coordinates()))
+
+
+# ------------------------------------------------ a door that bills every image apart
+class PerImageDoor(TemperatureDoor):
+    """A toy door whose black box bills every image of a call apart, as one-image-per-call chat APIs do."""
+
+    name = "per-image"
+
+    def query_cost(self, n_images):
+        return n_images
+
+    def score(self, images, prompts, purpose):
+        return np.concatenate([super(PerImageDoor, self).score([img], prompts, purpose) for img in images], axis=1)
+
+
+@pytest.fixture
+def per_image_door():
+    register_door(PerImageDoor)
+    yield PerImageDoor
+    _DOORS.pop(PerImageDoor.name)
+
+
+def test_the_run_plan_counts_in_the_doors_units_and_spends_the_budget_exactly(per_image_door, digits):
+    Xtr, ytr, _, _ = digits
+    n = len(ytr)
+    budget = 3 * (2 + 1) * n + 5  # three generations of two prompts and one refiner epoch, and a little over
+    clf = CarrotClassifier(backend=ToyBackend(), door="per-image", query_budget=budget, popsize=2,
+                           prompt_tuning=True, hidden_dim=8, random_state=0).fit(Xtr, ytr)
+    assert clf.n_iter_ == 3 and clf.n_queries_ == 3 * 3 * n <= budget
+    # refine-only: one query a view of the pool, once
+    clf = CarrotClassifier(backend=ToyBackend(), door="per-image", query_budget=budget, popsize=2, n_views=2,
+                           prompt_tuning=False, hidden_dim=8, random_state=0).fit(Xtr, ytr)
+    assert clf.n_queries_ == 2 * n
+    with pytest.raises(ValueError, match=rf"popsize=2 prompts x {n} queries .* = {3 * n} queries"):
+        CarrotClassifier(backend=ToyBackend(), door="per-image", query_budget=3 * n - 1, popsize=2,
+                         prompt_tuning=True, random_state=0).fit(Xtr, ytr)
