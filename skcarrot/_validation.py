@@ -22,10 +22,8 @@ from .images import flat_width, to_pil_images
 
 __all__ = [
     "ImageClassifierMixin",
-    "check_backend",
     "check_images_and_labels",
     "check_logits",
-    "check_method",
     "check_offsets",
     "resolve_class_names",
     "softmax",
@@ -108,48 +106,6 @@ def resolve_class_names(names, classes: np.ndarray) -> list[str]:
             "every class needs its own name in the prompt"
         )
     return resolved
-
-
-def check_method(backend: Any, name: str, signature: str, missing: str) -> None:
-    """Refuse a backend whose member ``name`` is absent (``missing`` says so) or not callable.
-
-    Examples
-    --------
-    >>> from skcarrot._validation import check_method
-    >>> check_method(object(), "logits", "logits(images)", "no logits")
-    Traceback (most recent call last):
-    ...
-    TypeError: no logits
-    """
-    member = getattr(backend, name, None)
-    if member is None:
-        raise TypeError(missing)
-    if not callable(member):
-        raise TypeError(
-            f"backend {type(backend).__name__}: '{name}' must be a method {signature}, got {type(member).__name__}"
-        )
-
-
-def check_backend(backend: Any) -> Any:
-    """Refuse, with a clear message, an object that is not an embedding-door black box.
-
-    Examples
-    --------
-    >>> from skcarrot._validation import check_backend
-    >>> class NotCallable:
-    ...     context_shape = (1, 2)
-    ...     logits = "scores"
-    >>> check_backend(NotCallable())
-    Traceback (most recent call last):
-    ...
-    TypeError: backend NotCallable: 'logits' must be a method logits(images, class_names, offsets), got str
-    """
-    check_method(
-        backend, "logits", "logits(images, class_names, offsets)",
-        f"backend {type(backend).__name__} has no 'logits'; a black-box model needs 'context_shape' (n_ctx, dim) "
-        "and 'logits(images, class_names, offsets)'",
-    )
-    return backend
 
 
 def check_offsets(offsets: Any, context_shape: tuple[int, int]) -> np.ndarray:

@@ -1,12 +1,15 @@
-"""The two doors between the estimator and a vision-language model, and the counter on both.
+"""The two interfaces a black-box vision-language model offers, their checks, and the counter on both.
 
-The *embedding* door (:class:`BlackBoxVLM`) takes images, class names and
-prompt offsets and returns logits. The *text* door (:class:`TextBlackBox`)
+The *embedding interface* (:class:`BlackBoxVLM`) takes images, class names and
+prompt offsets and returns logits. The *text interface* (:class:`TextBlackBox`)
 takes images and prompt strings and returns probabilities or logits, as hosted
 endpoints do. Nothing else crosses: no features, no embeddings, no gradients.
-Every prompt (embedding door) or prompt set (text door) scored is one *query*;
-:class:`QueryCounter` counts them on either door and refuses, before the model
-is reached, any call that would overspend.
+Every prompt (embedding interface) or prompt set (text interface) scored is one
+*query*; :class:`QueryCounter` counts them on either interface and refuses,
+before the model is reached, any call that would overspend.
+
+The strategies that use them, one per kind of access, are the *doors*
+(:mod:`skcarrot.doors`); a backend is checked here, once, for the members a door needs.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .._math import log_softmax
-from .._validation import check_backend, check_logits, check_offsets
+from .._validation import check_logits, check_offsets
 from ..exceptions import QueryBudgetExceededError
 
 __all__ = [
     "BlackBoxVLM",
+    "check_backend",
+    "check_method",
     "QueryCounter",
     "RETURNS",
     "TextBlackBox",
@@ -112,6 +117,48 @@ class TextBlackBox(Protocol):
 
     def text_scores(self, images: Sequence[Any], prompts: Sequence[Sequence[str]]) -> np.ndarray:
         ...  # pragma: no cover
+
+
+def check_method(backend: Any, name: str, signature: str, missing: str) -> None:
+    """Refuse a backend whose member ``name`` is absent (``missing`` says so) or not callable.
+
+    Examples
+    --------
+    >>> from skcarrot.backends._base import check_method
+    >>> check_method(object(), "logits", "logits(images)", "no logits")
+    Traceback (most recent call last):
+    ...
+    TypeError: no logits
+    """
+    member = getattr(backend, name, None)
+    if member is None:
+        raise TypeError(missing)
+    if not callable(member):
+        raise TypeError(
+            f"backend {type(backend).__name__}: '{name}' must be a method {signature}, got {type(member).__name__}"
+        )
+
+
+def check_backend(backend: Any) -> Any:
+    """Refuse, with a clear message, an object that does not offer the embedding interface.
+
+    Examples
+    --------
+    >>> from skcarrot.backends._base import check_backend
+    >>> class NotCallable:
+    ...     context_shape = (1, 2)
+    ...     logits = "scores"
+    >>> check_backend(NotCallable())
+    Traceback (most recent call last):
+    ...
+    TypeError: backend NotCallable: 'logits' must be a method logits(images, class_names, offsets), got str
+    """
+    check_method(
+        backend, "logits", "logits(images, class_names, offsets)",
+        f"backend {type(backend).__name__} has no 'logits'; a black-box model needs 'context_shape' (n_ctx, dim) "
+        "and 'logits(images, class_names, offsets)'",
+    )
+    return backend
 
 
 def context_shape_of(backend: Any) -> tuple[int, int]:
@@ -241,7 +288,7 @@ def check_text_scores(scores: Any, expected: tuple[int, int, int], returns: str)
 
 
 def log_probabilities(scores: np.ndarray, returns: str, floor: float = 1e-12) -> np.ndarray:
-    """Log-probabilities over the last axis from what a text-level door returned.
+    """Log-probabilities over the last axis from what a text-interface black box returned.
 
     Logits go through a log-softmax. Probabilities are floored at ``floor``
     (endpoints may round tiny ones to 0) and renormalised, so rows sum to one
@@ -277,12 +324,12 @@ def log_probabilities(scores: np.ndarray, returns: str, floor: float = 1e-12) ->
 
 
 class QueryCounter:
-    """Wrap a black-box model, count every query it scores on either door, enforce a budget.
+    """Wrap a black-box model, count every query it scores on either interface, enforce a budget.
 
-    One counter serves both doors: :meth:`logits` (the embedding door, one
-    query per prompt offset) and :meth:`text_scores` (the text door, one query
-    per prompt set). A backend needs only the door it is used through: its
-    ``context_shape`` and ``returns`` are read on the first call of their door.
+    One counter serves both interfaces: :meth:`logits` (the embedding interface, one
+    query per prompt offset) and :meth:`text_scores` (the text interface, one query
+    per prompt set). A backend needs only the interface it is used through: its
+    ``context_shape`` and ``returns`` are read on the first call of their interface.
 
     Counting rule: a call handed to the backend is counted whether it returned
     or raised (the model may have done and billed the work), and counted in
@@ -292,15 +339,15 @@ class QueryCounter:
     Parameters
     ----------
     backend : BlackBoxVLM or TextBlackBox
-        The model behind the door.
+        The black box.
     budget : int or None, default=None
-        Most queries allowed in total, both doors together; ``None`` means unlimited.
+        Most queries allowed in total, both interfaces together; ``None`` means unlimited.
 
     Attributes
     ----------
     n_queries : int
-        Queries spent so far: prompts (embedding door) and prompt sets (text
-        door) scored. A prompt set with more strings than classes (as in
+        Queries spent so far: prompts (embedding interface) and prompt sets
+        (text interface) scored. A prompt set with more strings than classes (as in
         screening candidate names) is still one query.
     n_images_scored : int
         Images sent so far, summed over calls: one image forward pass each for a
@@ -324,7 +371,7 @@ class QueryCounter:
     >>> box.n_queries, box.n_images_scored, box.remaining
     (2, 1, 1)
 
-    The text door, on a backend that offers only it:
+    The text interface, on a backend that offers only it:
 
     >>> class Uniform:
     ...     returns = "probabilities"
@@ -339,7 +386,7 @@ class QueryCounter:
 
     def __init__(self, backend: Any, budget: int | None = None) -> None:
         if getattr(backend, "text_scores", None) is None:
-            check_backend(backend)  # no text door: the embedding door must be there
+            check_backend(backend)  # no text interface: the embedding interface must be there
         self.backend = backend
         self.budget = budget
         self.n_queries = 0
@@ -370,20 +417,20 @@ class QueryCounter:
 
     @property
     def context_shape(self) -> tuple[int, int]:
-        """The backend's ``(n_ctx, dim)``, read and checked once (embedding door)."""
+        """The backend's ``(n_ctx, dim)``, read and checked once (embedding interface)."""
         if self._context_shape is None:
             self._context_shape = context_shape_of(check_backend(self.backend))
         return self._context_shape
 
     @property
     def returns(self) -> str:
-        """What the backend's ``text_scores`` returns, read and checked once (text door)."""
+        """What the backend's ``text_scores`` returns, read and checked once (text interface)."""
         if self._returns is None:
             self._returns = returns_of(self.backend)
         return self._returns
 
     def _spend(self, n_queries: int, n_images: int, what: str, purpose: str, call: Callable[[], Any]) -> Any:
-        """Budget check, then the call, then the count: the same for both doors.
+        """Budget check, then the call, then the count: the same for both interfaces.
 
         A call refused here is not sent and not counted; a call handed to the
         backend is counted whether it returned or raised.
@@ -410,7 +457,7 @@ class QueryCounter:
         offsets: np.ndarray,
         purpose: str = "other",
     ) -> np.ndarray:
-        """Score ``images`` x ``class_names`` under each prompt in ``offsets`` (embedding door).
+        """Score ``images`` x ``class_names`` under each prompt in ``offsets`` (embedding interface).
 
         Parameters
         ----------
@@ -444,7 +491,7 @@ class QueryCounter:
     def text_scores(
         self, images: Sequence[Any], prompts: Sequence[Sequence[str]], purpose: str = "other"
     ) -> np.ndarray:
-        """Score ``images`` against every string of each prompt set (text door).
+        """Score ``images`` against every string of each prompt set (text interface).
 
         Parameters
         ----------

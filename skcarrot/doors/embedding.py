@@ -6,8 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_backend
-from ..backends._base import context_shape_of
+from ..backends._base import check_backend, context_shape_of
 from ..search import CMAESPromptSearch
 from ._base import Door
 

@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validation import check_method
-from ..backends._base import returns_of
+from ..backends._base import check_method, returns_of
 from ..search import TextPromptSearch
 from ._base import Door
 
