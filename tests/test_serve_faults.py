@@ -26,6 +26,7 @@ def _wait_for_spending(ledger, name, at_least, timeout=60.0):
     raise TimeoutError(f"key {name!r} never spent {at_least} queries")
 
 
+@pytest.mark.slow
 def test_fit_survives_a_server_killed_and_restarted_on_the_same_ledger(tmp_path, digits):
     Xtr, ytr, Xte, _ = digits
     db = f"sqlite:///{tmp_path / 'ledger.db'}"

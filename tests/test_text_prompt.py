@@ -67,6 +67,7 @@ def test_tokenizer_words_are_single_lowercase_words():
     assert all(w.isalpha() and w.islower() and 4 <= len(w) <= 6 for w in words)
 
 
+@pytest.mark.slow
 def test_search_learns_wordings_that_beat_zero_shot_on_held_out_digits(split, words):
     train, ytr, test, yte = split
     names = list(DIGIT_WORDS)
