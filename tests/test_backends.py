@@ -272,12 +272,14 @@ def test_non_finite_offsets_are_refused_with_their_count_and_the_first_index():
 
     offsets = np.zeros((3, 4, 32))
     offsets[1, 2, 5], offsets[2, 0, 0] = np.nan, np.inf
-    with pytest.raises(ValueError, match=r"2 NaN or infinite values of 384, the first at index \(1, 2, 5\) \(prompt 1\)"):
+    expected = r"2 NaN or infinite values of 384, the first at index \(1, 2, 5\) \(prompt 1\)"
+    with pytest.raises(ValueError, match=expected):
         check_offsets(offsets, (4, 32))
 
 
 def test_a_class_name_too_long_for_the_context_is_named_with_the_context_length(micro, images):
     long_name = "very " * 100 + "long"
-    with pytest.raises(ValueError, match=r"1 prompt\(s\) are longer than the model's context length of \d+ tokens") as info:
+    expected = r"1 prompt\(s\) are longer than the model's context length of \d+ tokens"
+    with pytest.raises(ValueError, match=expected) as info:
         micro.logits(images, ["cat", long_name], np.zeros((1, 4, 32)))
     assert long_name in str(info.value) and "'a photo of a cat.'" not in str(info.value)
