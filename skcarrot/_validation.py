@@ -2,7 +2,8 @@
 
 - training sets: :func:`check_images_and_labels`, :func:`resolve_class_names`;
 - what crosses the door: :func:`check_backend`, :func:`check_offsets`, :func:`check_logits`;
-- :class:`ImageClassifierMixin`; :func:`softmax` is :func:`skcarrot._math.softmax`, re-exported.
+- :class:`ImageClassifierMixin` (its home is :mod:`skcarrot._predict`) and :func:`softmax`
+  (:func:`skcarrot._math.softmax`) are re-exported.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from sklearn.base import ClassifierMixin
 from sklearn.utils import column_or_1d
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted
 
 from ._math import softmax
-from .images import flat_width, to_pil_images
+from ._predict import ImageClassifierMixin  # re-exported: its home is _predict
+from .images import to_pil_images
 
 __all__ = [
     "ImageClassifierMixin",
@@ -129,8 +129,13 @@ def check_offsets(offsets: Any, context_shape: tuple[int, int]) -> np.ndarray:
     n_ctx, dim = context_shape
     if out.ndim != 3 or out.shape[1:] != (n_ctx, dim):
         raise ValueError(f"offsets must have shape (P, {n_ctx}, {dim}), got {out.shape}")
-    if not np.all(np.isfinite(out)):
-        raise ValueError("offsets contain NaN or infinity")
+    finite = np.isfinite(out)
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(
+            f"offsets contain {int((~finite).sum())} NaN or infinite values of {out.size}, the first at index "
+            f"{first} (prompt {first[0]}); every offset must be finite"
+        )
     return out
 
 
@@ -169,72 +174,3 @@ def check_logits(logits: Any, expected: tuple[int, int, int], backend: Any) -> n
             "the refiner works in float32, rescale the model's logits"
         )
     return out
-
-
-class ImageClassifierMixin(ClassifierMixin):
-    """scikit-learn's ClassifierMixin for image classifiers: ``predict``, ``predict_proba`` and ``score``.
-
-    A classifier provides ``_scores(X)``: logits ``(n_samples, n_classes)`` in
-    ``classes_`` order.
-    """
-
-    def _check_X(self, X: Any) -> list:
-        """``X`` as PIL images, with the width of array input checked against the fit's."""
-        images = to_pil_images(X, getattr(self, "image_range", None))
-        width = flat_width(X)
-        if width is not None and hasattr(self, "n_features_in_") and width != self.n_features_in_:
-            raise ValueError(
-                f"X has {width} features, but {type(self).__name__} is "
-                f"expecting {self.n_features_in_} features as input"
-            )
-        return images
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities of each image.
-
-        Parameters
-        ----------
-        X : sequence of images or ndarray
-            As in :meth:`fit`.
-
-        Returns
-        -------
-        proba : ndarray of shape (n_samples, n_classes)
-            Rows sum to 1, columns in ``classes_`` order.
-        """
-        check_is_fitted(self)
-        return softmax(self._scores(X))
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Predicted label of each image.
-
-        Parameters
-        ----------
-        X : sequence of images or ndarray
-            As in :meth:`fit`.
-
-        Returns
-        -------
-        y_pred : ndarray of shape (n_samples,)
-        """
-        check_is_fitted(self)
-        return self.classes_[np.argmax(self._scores(X), axis=1)]
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Mean accuracy of ``predict(X)`` against ``y``.
-
-        Parameters
-        ----------
-        X : sequence of images or ndarray
-            As in :meth:`fit`.
-        y : array-like of shape (n_samples,)
-            True labels.
-        sample_weight : array-like of shape (n_samples,), default=None
-            Sample weights.
-
-        Returns
-        -------
-        score : float
-            Fraction of correctly classified images.
-        """
-        return super().score(X, y, sample_weight=sample_weight)

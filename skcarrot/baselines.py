@@ -35,9 +35,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._training import stratified_holdout
 from ._threads import torch_threads
-from ._validation import ImageClassifierMixin, check_images_and_labels, resolve_class_names, softmax
+from ._predict import ImageClassifierMixin
+from ._split import stratified_holdout
+from ._validation import check_images_and_labels, resolve_class_names, softmax
 from .backends.embedded import resolve_backend
 from .images import AUGMENTATIONS, augment_all, to_pil_images
 

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from . import __version__
+from .backends.models import DEFAULT_TEMPLATE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +110,7 @@ def _add_serve_commands(sub) -> None:
     serve.add_argument("--pretrained", default=None,
                        help="pretrained tag or checkpoint file of --model (default: the embedded weights, or "
                             "'openai', or the model's first tag); 'random' for random weights, with a warning")
-    serve.add_argument("--template", default="a photo of a {}.", help="prompt template (default 'a photo of a {}.')")
+    serve.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"prompt template (default {DEFAULT_TEMPLATE!r})")
     serve.add_argument("--device", default="auto", help="torch device (default auto)")
     serve.add_argument("--db", default=None,
                        help="ledger URL: sqlite:///file.db (default sqlite:///skcarrot-ledger.db, or $SKCARROT_DB) "

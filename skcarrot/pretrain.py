@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .backends.models import DEFAULT_TEMPLATE
 from .datasets import (
     DIGIT_WORDS,
     FASHION_CLASSES,
@@ -42,7 +43,7 @@ __all__ = ["MODEL_NAME", "DIGIT_TEMPLATES", "FASHION_TEMPLATES", "pretrain", "op
 MODEL_NAME = "skcarrot-micro-clip"
 
 DIGIT_TEMPLATES = (
-    "a photo of a {}.",
+    DEFAULT_TEMPLATE,  # the zero-shot prompt the model is trained to read
     "a photo of the number {}.",
     "a photo of the digit {}.",
     "the digit {}.",
@@ -57,7 +58,7 @@ DIGIT_TEMPLATES = (
 )
 
 FASHION_TEMPLATES = (
-    "a photo of a {}.",
+    DEFAULT_TEMPLATE,
     "a photo of the {}.",
     "a picture of a {}.",
     "a grayscale photo of a {}.",

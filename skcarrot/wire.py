@@ -2,7 +2,9 @@
 
 Arrays travel in JSON (:func:`encode_array`: raw bytes in base64) or, for an
 answer whose client accepts it, as :data:`RAW_MEDIA_TYPE` (:func:`encode_raw`:
-one line of JSON, then the array's bytes as they are).
+one line of JSON, then the array's bytes as they are). Images are hashed by
+:func:`hash_pixels`, the one pixel digest (also used in-process by the backends'
+feature cache and the fit fingerprint).
 
 The client (:class:`~skcarrot.backends.HTTPBackend`) and the server
 (``skcarrot serve``) both import this module; neither imports the other. Errors
@@ -29,6 +31,7 @@ __all__ = [
     "decode_raw",
     "encode_array",
     "encode_raw",
+    "hash_pixels",
     "image_content_id",
     "png_base64",
 ]
@@ -81,14 +84,47 @@ def image_content_id(image: Any) -> str:
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     width, height = rgb.size
-    digest = hashlib.sha256(f"skcarrot-rgb {width}x{height}\n".encode())
-    rows = max(1, _HASH_BAND_BYTES // (3 * max(1, width)))
+    return hash_pixels(hashlib.sha256(), rgb, f"skcarrot-rgb {width}x{height}\n").hexdigest()
+
+
+def hash_pixels(digest: Any, image: Any, header: str) -> Any:
+    """Feed ``header``, then the image's raw pixel bytes as held (mode unchanged), into ``digest``.
+
+    The one way an image's pixels are hashed: the content id, the backends' feature
+    cache and the fit fingerprint differ only in their digest and header. A large
+    image is fed a band of rows at a time, never copied whole (the digest is the same).
+
+    Parameters
+    ----------
+    digest : hashlib hash object
+        Updated in place, e.g. ``hashlib.sha256()``.
+    image : PIL.Image.Image
+    header : str
+        Fed first, UTF-8 encoded.
+
+    Returns
+    -------
+    digest : hashlib hash object
+        The same object, for chaining.
+
+    Examples
+    --------
+    >>> import hashlib
+    >>> from PIL import Image
+    >>> from skcarrot.wire import hash_pixels
+    >>> img = Image.new("L", (3, 2), 7)
+    >>> hash_pixels(hashlib.sha256(), img, "L").hexdigest() == hashlib.sha256(b"L" + bytes([7] * 6)).hexdigest()
+    True
+    """
+    digest.update(header.encode())
+    width, height = image.size
+    rows = max(1, _HASH_BAND_BYTES // (4 * max(1, width)))  # at most 4 bytes a pixel in the modes images come in
     if rows >= height:
-        digest.update(rgb.tobytes())
-    else:  # a large image is hashed a band of rows at a time, never copied whole
+        digest.update(image.tobytes())
+    else:
         for top in range(0, height, rows):
-            digest.update(rgb.crop((0, top, width, min(height, top + rows))).tobytes())
-    return digest.hexdigest()
+            digest.update(image.crop((0, top, width, min(height, top + rows))).tobytes())
+    return digest
 
 
 def png_base64(image: Any) -> str:

@@ -1,9 +1,11 @@
-"""Test helpers: a strict black box, a digits few-shot split and a loopback HTTP server."""
+"""Test helpers: a strict black box, digits few-shot splits, miniature benchmark trees and a loopback HTTP server."""
 
+import json
 import threading
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+from PIL import Image
 
 from skcarrot.backends import ToyBackend
 from skcarrot.datasets import few_shot_split, load_digit_images
@@ -49,6 +51,46 @@ def digits_split(n_shots=8, n_classes=10, seed=0, n_test=200):
     return Xtr, ytr, Xte[test], yte[test]
 
 
+def digits16_split():
+    """16 shots per class of sklearn digits (seed 0), every other image held out."""
+    X, y = load_digit_images()
+    return few_shot_split(X, y, 16, seed=0)
+
+
+def same_global_state(before, after):
+    """Whether two ``np.random.get_state()`` tuples are the same state: key, position and Gaussian cache.
+
+    Their first item is always the name ``'MT19937'``, so comparing it alone proves nothing.
+    """
+    return np.array_equal(before[1], after[1]) and tuple(before[2:]) == tuple(after[2:])
+
+
+def save_noise_image(path, value, rng):
+    """A tiny 12x12 RGB image of noise around ``value``, saved at ``path`` (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.clip(rng.normal(value, 20, size=(12, 12, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def make_split_dataset(root, name, classes, rng, per_split=(4, 2, 3)):
+    """A miniature copy of a split_zhou dataset: a few tiny images per class, their noise from ``rng``."""
+    from skcarrot.datasets.benchmark import SPLIT_DATASETS
+
+    folder, image_dir, split_file = SPLIT_DATASETS[name]
+    base = root / folder
+    split = {}
+    for part, n in zip(("train", "val", "test"), per_split):
+        rows = []
+        for label, cname in enumerate(classes):
+            for i in range(n):
+                rel = f"{cname.replace(' ', '_')}/{part}_{i}.jpg"
+                save_noise_image(base / image_dir / rel, 40 + 60 * label, rng)
+                rows.append([rel, label, cname])
+        split[part] = rows
+    (base / split_file).write_text(json.dumps(split))
+    return base
+
+
 # Small, fast settings for CarrotClassifier in tests: the plain loop (the paper's protocol), no shots held back.
 FAST = dict(query_budget=200, popsize=8, intrinsic_dim=16, hidden_dim=32, n_views=2, random_state=0,
             early_stopping=False, prompt_tuning=True)
@@ -74,6 +116,31 @@ def search_alone(backend, images, y, search, budget=None, n_steps=None):
     for _ in range(min(steps)):
         loop.generation_step()
     return door.counter
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet HTTP/1.1 request handler that reads and answers JSON; a fake server subclasses it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def read_body(self):
+        """The request body, parsed as JSON (None when empty)."""
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        return json.loads(data) if data else None
+
+    def reply(self, status, body, headers=()):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
 
 class LoopbackServer:

@@ -58,6 +58,7 @@ def test_auto_keeps_the_hand_written_prompt_when_nothing_beats_it():
     assert clf.n_queries_ <= 0.25 * 400 + 1  # the pool query and the pilot, no more
 
 
+@pytest.mark.slow
 def test_auto_refines_the_digits_for_a_quarter_of_the_budget_at_most(digits):
     Xtr, ytr, Xte, yte = digits
     clf = CarrotClassifier(query_budget=800, popsize=8, intrinsic_dim=16, random_state=0).fit(Xtr, ytr)
@@ -102,7 +103,7 @@ def test_verbose_says_what_was_chosen_and_what_it_cost(digits, capsys):
     assert "prompt_tuning='auto' chose" in out and "queries spent" in out
 
 
-@pytest.mark.parametrize("prompt_tuning", ["auto", True])
+@pytest.mark.parametrize("prompt_tuning", ["auto", pytest.param(True, marks=pytest.mark.slow)])
 def test_a_warm_start_continues_the_mode_of_the_previous_fit(digits, prompt_tuning):
     Xtr, ytr, _, _ = digits
     clf = CarrotClassifier(query_budget=300, popsize=8, intrinsic_dim=16, random_state=0, warm_start=True,
@@ -112,6 +113,7 @@ def test_a_warm_start_continues_the_mode_of_the_previous_fit(digits, prompt_tuni
     assert (clf.prompt_z_ is not None) == searched and clf.selection_ is None
 
 
+@pytest.mark.slow
 def test_the_refiner_trains_as_many_epochs_as_cross_validation_chose(digits):
     from skcarrot._training.selection import epoch_stops
 
@@ -136,6 +138,7 @@ def test_the_epochs_with_the_lowest_held_out_loss_replace_the_full_schedule():
     assert selection.epoch_stops(22) == [22]
 
 
+@pytest.mark.slow
 def test_two_shots_a_class_judge_the_refiner_at_its_best_stop(digits, monkeypatch):
     """A fold of two shots a class trains on one, which the full schedule over-fits: the refiner is judged at its best stop."""
     from skcarrot._training import selection

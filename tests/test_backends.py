@@ -17,11 +17,6 @@ NAMES = ["zero", "one", "a big red bird"]
 
 
 @pytest.fixture(scope="module")
-def micro():
-    return OpenCLIPBackend(model_name=MICRO, pretrained=None)
-
-
-@pytest.fixture(scope="module")
 def images():
     rng = np.random.RandomState(0)
     return to_pil_images(rng.randint(0, 256, size=(5, 12, 12, 3)).astype(np.uint8))
@@ -190,6 +185,7 @@ def test_copies_share_weights_and_carry_none(micro, images):
     assert len(_MODELS) == n_models
 
 
+@pytest.mark.slow
 def test_random_init_is_the_same_in_every_process(micro, images):
     code = (
         "import numpy as np; from skcarrot.backends import OpenCLIPBackend;"
@@ -269,3 +265,21 @@ def test_half_precision_stays_close(images):
     np.testing.assert_allclose(b, a, atol=0.05 * np.abs(a).max())
     with pytest.raises(ValueError, match="precision must be"):
         OpenCLIPBackend(model_name=MICRO, pretrained=None, precision="int4").context_shape
+
+
+def test_non_finite_offsets_are_refused_with_their_count_and_the_first_index():
+    from skcarrot._validation import check_offsets
+
+    offsets = np.zeros((3, 4, 32))
+    offsets[1, 2, 5], offsets[2, 0, 0] = np.nan, np.inf
+    expected = r"2 NaN or infinite values of 384, the first at index \(1, 2, 5\) \(prompt 1\)"
+    with pytest.raises(ValueError, match=expected):
+        check_offsets(offsets, (4, 32))
+
+
+def test_a_class_name_too_long_for_the_context_is_named_with_the_context_length(micro, images):
+    long_name = "very " * 100 + "long"
+    expected = r"1 prompt\(s\) are longer than the model's context length of \d+ tokens"
+    with pytest.raises(ValueError, match=expected) as info:
+        micro.logits(images, ["cat", long_name], np.zeros((1, 4, 32)))
+    assert long_name in str(info.value) and "'a photo of a cat.'" not in str(info.value)

@@ -8,13 +8,16 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
-from test_bench import make_split_dataset
+from helpers import make_split_dataset
 
 from skcarrot.bench import BenchError, read_cells, run_bench
 from skcarrot.cli import main
 
 distributed = pytest.importorskip("distributed")
+
+pytestmark = pytest.mark.slow  # Dask clusters of worker processes
 
 GRID = dict(datasets=["eurosat", "dtd"], shots=[1], seeds=[1, 2], methods=["zeroshot", "bbt", "carrot"], budget=82)
 N_CELLS = 2 * 1 * 2 * 3
@@ -51,8 +54,9 @@ def _stamps(out):
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    make_split_dataset(root, "eurosat", ["Annual Crop Land", "Forest", "Sea or Lake"])
-    make_split_dataset(root, "dtd", ["banded", "blotchy"])
+    rng = np.random.RandomState(0)
+    make_split_dataset(root, "eurosat", ["Annual Crop Land", "Forest", "Sea or Lake"], rng)
+    make_split_dataset(root, "dtd", ["banded", "blotchy"], rng)
     return root
 
 

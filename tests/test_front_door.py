@@ -1,9 +1,7 @@
 """What a newcomer meets first: class names the default model never learned, and errors that say what to do."""
 
-import json
 import logging
 import warnings
-from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from skcarrot.backends import _weights
 from skcarrot.datasets import DIGIT_WORDS, FASHION_CLASSES
 from skcarrot.exceptions import RemoteAuthenticationError, RemoteValidationError
 
-from helpers import LoopbackServer
+from helpers import JSONHandler, LoopbackServer
 
 # -- class names the embedded model never learned ------------------------------------------------
 
@@ -120,29 +118,14 @@ class _Server(LoopbackServer):
     """A server on 127.0.0.1 that answers like FastAPI: ``POST /v1/zero-shot-image-classification`` needs a token."""
 
     def __init__(self, token="right"):
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def _answer(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
+                self.read_body()
                 if self.path != "/v1/zero-shot-image-classification":
-                    return self._reply(404, {"detail": "Not Found"})
+                    return self.reply(404, {"detail": "Not Found"})
                 if self.headers.get("Authorization") != f"Bearer {token}":
-                    return self._reply(401, {"detail": "invalid API key"})
-                return self._reply(200, [{"label": "a", "score": 1.0}])
+                    return self.reply(401, {"detail": "invalid API key"})
+                return self.reply(200, [{"label": "a", "score": 1.0}])
 
             do_GET = do_POST = do_HEAD = _answer
 

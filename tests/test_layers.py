@@ -9,9 +9,9 @@ ROOT = pathlib.Path(skcarrot.__file__).resolve().parent
 
 # Lower layers first; a module may import its own layer and those below it.
 LAYERS = [
-    {"_math", "exceptions", "_threads", "_progress", "wire"},
+    {"_math", "exceptions", "_threads", "_progress", "wire", "_split"},
     {"images", "datasets"},
-    {"_validation"},
+    {"_validation", "_predict"},
     {"backends"},
     {"losses", "refiner", "search", "pretrain"},
     {"doors", "_training", "_vocabulary"},

@@ -10,6 +10,8 @@ from skcarrot.backends import embedded_backend
 
 distributed = pytest.importorskip("distributed")
 
+pytestmark = pytest.mark.slow  # a Dask cluster of worker processes
+
 
 def _search():
     return GridSearchCV(

@@ -167,12 +167,37 @@ def test_unreachable_server_fails_clearly_after_the_retries():
         backend.context_shape
 
 
-def test_rate_limited_requests_wait_for_retry_after_and_succeed(live):
-    url, ledger, _ = live
-    backend = HTTPBackend(url, api_key=_key(ledger, "rated", rate_limit=4), backoff=0.01)
-    for _ in range(3):
-        backend.logits([Image.new("RGB", (8, 8))], ["a", "b"], np.zeros((4, 4, 64), np.float32))
-    assert ledger.find_key("rated").prompts_used == 12
+def test_rate_limited_requests_wait_for_retry_after_and_succeed(tmp_path):
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path / 'rated.db'}", rate_window_s=1.0))
+    arrived, answered = [], []  # per /v1/score request: when it reached the server; when and how it was answered
+
+    async def recording(scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/score":
+            return await app(scope, receive, send)
+        arrived.append(time.monotonic())
+
+        async def record(message):
+            if message["type"] == "http.response.start":
+                answered.append((time.monotonic(), message["status"], dict(message["headers"]).get(b"retry-after")))
+            await send(message)
+
+        await app(scope, receive, record)
+
+    recording.state = app.state
+    ledger = app.state.server.ledger
+    _, key = ledger.create_key("rated", budget=100, rate_limit=4)  # one request of 4 prompts a 1 s window
+    with thread_server(recording) as url:
+        backend = HTTPBackend(url, api_key=key, backoff=0.01)
+        for _ in range(3):
+            backend.logits([Image.new("RGB", (8, 8))], ["a", "b"], np.zeros((4, 4, 64), np.float32))
+    statuses = [status for _, status, _ in answered]
+    assert statuses.count(200) == 3 and statuses[-1] == 200
+    assert statuses.count(429) >= 2  # the second and third requests came inside the first one's window
+    assert backend.n_retries_ == statuses.count(429) and len(arrived) == len(answered)
+    for (refused_at, status, retry_after), next_arrival in zip(answered, arrived[1:]):
+        if status == 429:  # the server saw another attempt, sent no sooner than the Retry-After it was given
+            assert retry_after is not None and next_arrival - refused_at >= float(retry_after)
+    assert ledger.find_key("rated").prompts_used == 12  # the refused attempts were not charged
 
 
 def test_lost_responses_are_retried_with_the_same_idempotency_key_and_charged_once(tmp_path):

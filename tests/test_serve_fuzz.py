@@ -23,6 +23,8 @@ from skcarrot.wire import png_base64  # noqa: E402
 
 CASES_PER_OPERATION_AND_MODE = 20
 
+pytestmark = pytest.mark.slow  # schemathesis, every operation, valid and invalid cases
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):

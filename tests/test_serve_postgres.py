@@ -13,6 +13,8 @@ from servekit import ServerProcess, auth, noise_image, offsets_array, postgres_c
 from skcarrot import CarrotClassifier, HTTPBackend, QueryBudgetExceededError  # noqa: E402
 from skcarrot.serve.ledger import BudgetExceeded, Ledger  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a PostgreSQL cluster started by the module, and server processes
+
 
 @pytest.fixture(scope="module")
 def pg_url():

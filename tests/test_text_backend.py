@@ -15,7 +15,7 @@ from skcarrot.backends import (
     embedded_backend,
 )
 from skcarrot.backends._base import check_prompt_sets, log_probabilities
-from skcarrot.datasets import DIGIT_WORDS, load_digit_images
+from skcarrot.datasets import DIGIT_WORDS
 from skcarrot.exceptions import QueryBudgetExceededError
 from skcarrot.images import to_pil_images
 
@@ -36,12 +36,6 @@ class StrictTextBackend:
             return self._scores
         n_strings = len(prompts[0])
         return np.full((len(prompts), len(images), n_strings), 1.0 / n_strings)
-
-
-@pytest.fixture(scope="module")
-def digit_images():
-    X, y = load_digit_images()
-    return to_pil_images(X[:40]), y[:40]
 
 
 def test_door_is_a_two_member_protocol():
@@ -140,7 +134,7 @@ def test_log_probabilities_of_probabilities_are_renormalised_and_floored():
 
 
 def test_text_door_matches_embedding_door_at_zero_offset(digit_images):
-    images, y = digit_images
+    images, y = digit_images[0][:40], digit_images[1][:40]
     backend = embedded_backend()
     names = list(DIGIT_WORDS)
     embedding_logits = backend.logits(images, names, np.zeros((1,) + backend.context_shape))[0]

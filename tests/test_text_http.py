@@ -2,11 +2,9 @@
 
 import base64
 import io
-import json
 import pickle
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -16,10 +14,9 @@ pytest.importorskip("httpx")
 
 from skcarrot.backends import OpenCLIPTextBackend, QueryCounter, TextBlackBox, ZeroShotHTTPBackend  # noqa: E402
 from skcarrot.backends._base import log_probabilities  # noqa: E402
-from skcarrot.datasets import DIGIT_WORDS, load_digit_images  # noqa: E402
-from skcarrot.images import to_pil_images  # noqa: E402
+from skcarrot.datasets import DIGIT_WORDS  # noqa: E402
 
-from helpers import LoopbackServer  # noqa: E402
+from helpers import JSONHandler, LoopbackServer  # noqa: E402
 
 TOKEN = "test-secret"
 
@@ -39,24 +36,9 @@ class ZeroShotServer(LoopbackServer):
         self.bodies = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def reply(self, status, body, headers=()):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JSONHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.read_body()
                 with server.lock:
                     server.calls += 1
                     call = server.calls
@@ -84,18 +66,12 @@ class ZeroShotServer(LoopbackServer):
         super().__init__(Handler, "/zero-shot")
 
 
-@pytest.fixture(scope="module")
-def digits():
-    X, y = load_digit_images()
-    return to_pil_images(X[:60]), y[:60]
-
-
 def prompts_of(words):
     return [f"a photo of a {w}." for w in words]
 
 
-def test_scores_match_the_in_process_door(digits, monkeypatch):
-    images, _ = digits
+def test_scores_match_the_in_process_door(digit_images, monkeypatch):
+    images, _ = digit_images
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     sets = [prompts_of(DIGIT_WORDS), prompts_of(reversed(DIGIT_WORDS))]
     with ZeroShotServer() as server:
@@ -108,8 +84,8 @@ def test_scores_match_the_in_process_door(digits, monkeypatch):
     assert server.bodies[0]["parameters"]["hypothesis_template"] == "{}"
 
 
-def test_retries_honour_retry_after_then_succeed(digits, monkeypatch):
-    images, _ = digits
+def test_retries_honour_retry_after_then_succeed(digit_images, monkeypatch):
+    images, _ = digit_images
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with ZeroShotServer(fail_first=3) as server:
         door = ZeroShotHTTPBackend(server.url, max_concurrency=1, backoff=0.001)
@@ -118,8 +94,8 @@ def test_retries_honour_retry_after_then_succeed(digits, monkeypatch):
     assert door.n_retries_ == 3 and door.n_calls_ == server.calls == 5
 
 
-def test_gives_up_after_max_retries(digits, monkeypatch):
-    images, _ = digits
+def test_gives_up_after_max_retries(digit_images, monkeypatch):
+    images, _ = digit_images
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with ZeroShotServer(fail_first=100) as server:
         door = ZeroShotHTTPBackend(server.url, max_concurrency=1, max_retries=2, backoff=0.001)
@@ -128,8 +104,8 @@ def test_gives_up_after_max_retries(digits, monkeypatch):
     assert server.calls == 3
 
 
-def test_token_comes_from_the_environment_and_is_never_pickled(digits, monkeypatch):
-    images, _ = digits
+def test_token_comes_from_the_environment_and_is_never_pickled(digit_images, monkeypatch):
+    images, _ = digit_images
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with ZeroShotServer() as server:
         with pytest.raises(PermissionError, match="refused the token \\(401\\).*HF_TOKEN"):
@@ -146,8 +122,8 @@ def test_token_comes_from_the_environment_and_is_never_pickled(digits, monkeypat
     assert pickle.loads(pickle.dumps(ZeroShotHTTPBackend("u", token="t", store_token=True))).token == "t"
 
 
-def test_concurrency_is_bounded(digits, monkeypatch):
-    images, _ = digits
+def test_concurrency_is_bounded(digit_images, monkeypatch):
+    images, _ = digit_images
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with ZeroShotServer(delay=0.02) as server:
         ZeroShotHTTPBackend(server.url, max_concurrency=3).text_scores(images[:12], [["a cat.", "a dog."]])
@@ -155,12 +131,12 @@ def test_concurrency_is_bounded(digits, monkeypatch):
     assert 2 <= server.max_in_flight <= 3
 
 
-def test_end_to_end_search_through_the_endpoint_stays_within_budget(digits, monkeypatch):
+def test_end_to_end_search_through_the_endpoint_stays_within_budget(digit_images, monkeypatch):
     from helpers import search_alone
 
     from skcarrot.search import TextPromptSearch
 
-    images, y = digits
+    images, y = digit_images
     keep = y < 3
     train, y_train = [img for img, k in zip(images, keep) if k], y[keep]
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -176,10 +152,10 @@ def test_end_to_end_search_through_the_endpoint_stays_within_budget(digits, monk
     assert len(search.current()) == 3 and all(p.startswith("a photo of a ") for p in search.current())
 
 
-def test_carrot_classifier_fits_end_to_end_through_the_endpoint(digits, monkeypatch):
+def test_carrot_classifier_fits_end_to_end_through_the_endpoint(digit_images, monkeypatch):
     from skcarrot import CarrotClassifier
 
-    images, y = digits
+    images, y = digit_images
     keep = y < 3
     train, y_train = [img for img, k in zip(images, keep) if k], y[keep]
     monkeypatch.setenv("HF_TOKEN", TOKEN)

@@ -9,7 +9,7 @@ from skcarrot.datasets import DIGIT_WORDS
 from skcarrot.images import to_pil_images
 from skcarrot.search import TextPromptSearch, tokenizer_words
 
-from helpers import digits_split, search_alone
+from helpers import digits_split, same_global_state, search_alone
 
 
 class SoftmaxDoor:
@@ -67,6 +67,7 @@ def test_tokenizer_words_are_single_lowercase_words():
     assert all(w.isalpha() and w.islower() and 4 <= len(w) <= 6 for w in words)
 
 
+@pytest.mark.slow
 def test_search_learns_wordings_that_beat_zero_shot_on_held_out_digits(split, words):
     train, ytr, test, yte = split
     names = list(DIGIT_WORDS)
@@ -80,7 +81,7 @@ def test_search_learns_wordings_that_beat_zero_shot_on_held_out_digits(split, wo
 
 def test_search_is_seeded_and_leaves_numpy_global_state_alone(split, words):
     train, ytr, _, _ = split
-    state = np.random.get_state()[1].copy()
+    state = np.random.get_state()
     runs = []
     for _ in range(2):
         search = TextPromptSearch(list(DIGIT_WORDS), vocabulary=words, n_words=500, popsize=10,
@@ -88,7 +89,7 @@ def test_search_is_seeded_and_leaves_numpy_global_state_alone(split, words):
         search_alone(OpenCLIPTextBackend(), train, ytr, search, budget=31)
         runs.append((search.candidates_, search.current()))
     assert runs[0] == runs[1]
-    np.testing.assert_array_equal(np.random.get_state()[1], state)
+    assert same_global_state(state, np.random.get_state())  # key and position: not one draw
 
 
 def test_never_sends_an_over_budget_query():
@@ -98,7 +99,7 @@ def test_never_sends_an_over_budget_query():
     counter = search_alone(door, ["img"] * 8, np.arange(8) % 2, search, budget=25, n_steps=100)
     assert search.candidates_ == [["cat", "kitten"], ["dog", "puppy"]]
     assert door.sent == [1, 10, 10]  # screening, then as many whole steps as fit
-    assert counter.n_queries == 21 <= 25
+    assert counter.n_queries == sum(door.sent) <= 25  # every prompt sent is counted, within the budget
 
 
 def test_policy_gradient_finds_the_known_best_wording():

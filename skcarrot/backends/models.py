@@ -16,6 +16,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+# The hand-written prompt around a class name, re-exported here; its home is _template, which openclip
+# (imported by open_model) can import without a cycle.
+from ._template import DEFAULT_TEMPLATE
+
 __all__ = [
     "DEFAULT_TEMPLATE",
     "EMBEDDED_MODEL",
@@ -25,9 +29,6 @@ __all__ = [
     "open_model",
     "resolve_weights",
 ]
-
-#: The hand-written prompt around a class name: the zero-shot prompt of every door.
-DEFAULT_TEMPLATE = "a photo of a {}."
 
 #: open_clip model name of the embedded model.
 EMBEDDED_MODEL = "skcarrot-micro-clip"

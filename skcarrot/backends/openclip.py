@@ -27,9 +27,11 @@ from sklearn.base import BaseEstimator
 from .._validation import check_offsets
 from .._threads import threads_for, torch_threads
 from ..exceptions import WeightsUnavailableError
+from ..wire import hash_pixels
 from ._weights import check_weights_obtainable
 from ._base import check_prompt_sets
 from ._prefix import encode_pooled_rows, supports_prefix_sharing
+from ._template import DEFAULT_TEMPLATE
 
 __all__ = ["OpenCLIPBackend", "WhiteBoxAccess", "register_model_configs"]
 
@@ -86,10 +88,8 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _image_key(img: Any) -> bytes:
-    h = hashlib.blake2b(digest_size=20)
-    h.update(f"{img.mode}{img.size}".encode())
-    h.update(img.tobytes())
-    return h.digest()
+    """The feature cache's key: the exact pixels as held (a fast digest; never leaves the process)."""
+    return hash_pixels(hashlib.blake2b(digest_size=20), img, f"{img.mode}{img.size}").digest()
 
 
 class _LoadedBox:
@@ -156,8 +156,12 @@ class _LoadedBox:
             if not torch.equal(toks[:, 1 : 1 + n], self.ctx_tokens.expand(len(texts), n)):
                 bad = [t for t, row in zip(texts, toks) if not torch.equal(row[1 : 1 + n], self.ctx_tokens)]
                 raise ValueError(f"the template's context words do not tokenize the same in {bad[:3]}")
-            if (toks[:, -1] != 0).any():
-                raise ValueError("a prompt is longer than the model's context length; shorten the class names")
+            too_long = [t for t, row in zip(texts, toks) if row[-1] != 0]
+            if too_long:
+                raise ValueError(
+                    f"{len(too_long)} prompt(s) are longer than the model's context length of {toks.shape[1]} "
+                    f"tokens, e.g. {too_long[:3]}; shorten those class names"
+                )
             toks = toks.to(self.device)
             self.class_tokens[key] = toks
         return toks
@@ -476,7 +480,7 @@ class OpenCLIPBackend(BaseEstimator):
         self,
         model_name: str = "RN50",
         pretrained: str | None = "openai",
-        template: str = "a photo of a {}.",
+        template: str = DEFAULT_TEMPLATE,
         device: str = "auto",
         cache_dir: str | None = None,
         precision: str = "auto",

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from .._split import draw_per_class
+
 __all__ = [
     "DATASETS",
     "IMAGENET_VARIANTS",
@@ -324,13 +326,8 @@ def _take(X: Any, idx: np.ndarray) -> Any:
 
 
 def _per_class(labels: np.ndarray, k: int, rng: np.random.RandomState, exclude: set | None = None) -> np.ndarray:
-    chosen = []
-    for c in np.unique(labels):
-        pool = [i for i in np.flatnonzero(labels == c) if not exclude or i not in exclude]
-        if not pool:
-            continue
-        chosen.extend(rng.choice(pool, min(k, len(pool)), replace=False).tolist())
-    return np.asarray(sorted(chosen), dtype=np.int64)
+    """Up to ``k`` indices of each class, sorted."""
+    return np.sort(draw_per_class(labels, k, rng, exclude=exclude, strict=False))
 
 
 def sample_few_shot(dataset: ImageSet, n_shots: int, seed: int) -> FewShotTask:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._split import draw_per_class
+
 __all__ = [
     "DIGIT_WORDS",
     "FASHION_CLASSES",
@@ -152,7 +154,6 @@ def few_shot_split(
     (6, 14, [])
     """
     X, y = np.asarray(X), np.asarray(y)
-    rng = np.random.RandomState(seed)
-    train = np.concatenate([rng.choice(np.flatnonzero(y == c), n_shots, replace=False) for c in np.unique(y)])
+    train = draw_per_class(y, n_shots, np.random.RandomState(seed))
     test = np.setdiff1d(np.arange(len(y)), train)
     return X[train], y[train], X[test], y[test]
