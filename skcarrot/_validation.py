@@ -1,9 +1,9 @@
 """Checks shared by every estimator and every backend: one home for each.
 
 - training sets: :func:`check_images_and_labels`, :func:`resolve_class_names`;
-- what crosses the door: :func:`check_backend`, :func:`check_offsets`, :func:`check_logits`;
-- :class:`ImageClassifierMixin` (its home is :mod:`skcarrot._predict`) and :func:`softmax`
-  (:func:`skcarrot._math.softmax`) are re-exported.
+- what crosses the door: :func:`check_offsets`, :func:`check_logits` (a backend's members are
+  checked in :mod:`skcarrot.backends._base`);
+- :func:`softmax` (:func:`skcarrot._math.softmax`) is re-exported.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from sklearn.utils import column_or_1d
 from sklearn.utils.multiclass import check_classification_targets
 
 from ._math import softmax
-from ._predict import ImageClassifierMixin  # re-exported: its home is _predict
 from .images import to_pil_images
 
 __all__ = [
-    "ImageClassifierMixin",
     "check_images_and_labels",
     "check_logits",
     "check_offsets",

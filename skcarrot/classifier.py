@@ -29,7 +29,8 @@ from ._training import (
     requests_named_by,
     run_generations,
 )
-from ._validation import ImageClassifierMixin, check_images_and_labels, resolve_class_names
+from ._predict import ImageClassifierMixin
+from ._validation import check_images_and_labels, resolve_class_names
 from ._vocabulary import warn_if_unknown_to
 from .backends.embedded import resolve_backend
 from .doors import door_named, fitted_attribute_names, pick_door

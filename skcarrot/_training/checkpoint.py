@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..wire import hash_pixels
+
 __all__ = ["fingerprint", "fit_fingerprint", "read_checkpoint", "requests_named_by", "write_checkpoint"]
 
 _FORMAT = 3  # 3: the loop saves each module's state and the counter's
@@ -40,8 +42,7 @@ def fingerprint(images, y: np.ndarray, params: dict) -> str:
     """
     digest = hashlib.sha256()
     for img in images:
-        digest.update(repr((img.mode, img.size)).encode())
-        digest.update(img.tobytes())
+        hash_pixels(digest, img, repr((img.mode, img.size)))
     digest.update(np.asarray(y).tobytes())
     digest.update(repr(sorted((k, _describe(v)) for k, v in params.items())).encode())
     return digest.hexdigest()

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .._split import stratified_holdout
+
 __all__ = ["EarlyStopping", "Snapshot", "stratified_holdout"]
 
 
@@ -88,29 +90,3 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         """Validation has not improved for ``patience`` generations (never without a patience)."""
         return self.patience is not None and self.n_no_improvement >= self.patience
-
-
-def stratified_holdout(
-    y: np.ndarray, fraction: float, rng: np.random.RandomState
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into (train, validation): ``round(fraction * n_c)`` per class, at least one.
-
-    A class with a single image keeps it for training.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from skcarrot._training import stratified_holdout
-    >>> train, val = stratified_holdout(np.repeat([0, 1], 10), 0.1, np.random.RandomState(0))
-    >>> len(train), len(val), sorted(int(c) for c in np.repeat([0, 1], 10)[val])
-    (18, 2, [0, 1])
-    """
-    validation = []
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        n_val = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
-        if n_val > 0:
-            validation.extend(rng.choice(members, n_val, replace=False))
-    validation = np.sort(np.asarray(validation, dtype=int))
-    train = np.setdiff1d(np.arange(len(y)), validation)
-    return train, validation

@@ -34,6 +34,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from .._math import softmax
+from .._split import stratified_folds
 from ..refiner import refine_logits
 from .loop import BudgetTooSmallError, run_generations
 from .start import StartingPoint
@@ -99,15 +100,6 @@ def _gain(simple: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
     """Mean per-image drop of the loss from ``simple`` to ``candidate``, and its standard error."""
     diff = np.asarray(simple, dtype=float) - np.asarray(candidate, dtype=float)
     return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else np.inf
-
-
-def _stratified_folds(y: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
-    """A fold index per shot, each class dealt round-robin over the folds in a seeded order."""
-    folds = np.empty(len(y), dtype=int)
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        folds[rng.permutation(members)] = np.arange(len(members)) % k
-    return folds
 
 
 def _refine_path(refine_run, idx: np.ndarray, seed: int, stops: list[int]) -> list[dict]:
@@ -202,7 +194,7 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
     selection = Selection("zero-shot", "no refiner (refinement=False)")
     if refine_run is not None:
         k = int(min(_FOLDS, counts.min()))
-        folds = _stratified_folds(y, k, np.random.RandomState(seed))
+        folds = stratified_folds(y, k, np.random.RandomState(seed))
         schedule = refine_run[1].n_generations
         fewest_trained = counts.min() - int(np.ceil(counts.min() / k))  # shots a class in a fold's training part
         # An explicit max_iter is the user's schedule: it is kept.
@@ -234,7 +226,7 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
 
     # Stage 2: a cross-fitted pilot of the full method within a quarter of the budget.
     pilot_budget = int(PILOT_FRACTION * settings.query_budget) // 2
-    halves = _stratified_folds(y, 2, np.random.RandomState(seed + _HALVES_SEED))
+    halves = stratified_folds(y, 2, np.random.RandomState(seed + _HALVES_SEED))
     pilot = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False, query_budget=pilot_budget)
     before = door.counter.n_queries
     simple, full = np.empty(len(y)), np.empty(len(y))

@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 
 from ..backends._base import check_method, returns_of
+from ..backends._template import DEFAULT_TEMPLATE as _TEMPLATE
 from ..search import TextPromptSearch
 from ._base import Door
 
 __all__ = ["TextDoor"]
 
-_TEMPLATE = "a photo of a {}."
 # Words screened by default: a seeded subset of the tokenizer's. Measured on digits (10 seeds):
 # the more words screened, the more the choice of names fits the shots and not the task
 # (text-level CARROT 88.1% with 200 words, 85.8% with 4,000), and 200 words fit one call of

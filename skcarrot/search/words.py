@@ -32,6 +32,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from .._math import logsumexp, softmax
+from ..backends._template import DEFAULT_TEMPLATE
 
 __all__ = ["TextPromptSearch", "coordinate_losses", "cross_entropy_fitness", "screening_margin", "tokenizer_words"]
 
@@ -235,7 +236,7 @@ class TextPromptSearch:
         self,
         class_names: Sequence[str],
         *,
-        templates: Sequence[str] = ("a photo of a {}.",),
+        templates: Sequence[str] = (DEFAULT_TEMPLATE,),
         candidates: Sequence[Sequence[str]] | None = None,
         vocabulary: Sequence[str] | None = None,
         n_words: int | None = None,

@@ -10,6 +10,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backends._template import DEFAULT_TEMPLATE
 __all__ = [
     "Settings",
     "LIMIT_FIELDS",
@@ -23,9 +24,6 @@ __all__ = [
 
 #: Ledger used when none is given: one SQLite file in the working directory.
 DEFAULT_DB_URL = "sqlite:///skcarrot-ledger.db"
-
-#: Prompt template used when none is given.
-DEFAULT_TEMPLATE = "a photo of a {}."
 
 # The variables ``skcarrot serve`` hands to each of its workers, by Settings field.
 _WORKER_ENV = {
