@@ -108,7 +108,7 @@ def option_log_probs(alternatives: Sequence[tuple[str, float]], labels: Sequence
     >>> from skcarrot.backends.remote.chat import option_log_probs
     >>> lp, ok = option_log_probs([("B", np.log(0.6)), (" B", np.log(0.2)), ("A", np.log(0.1))], ["A", "B", "C"])
     >>> np.round(np.exp(lp), 3).tolist(), ok
-    ([0.105, 0.842, 0.053], True)
+    ([0.1, 0.8, 0.1], True)
     """
     index = {normalise_token(label): i for i, label in enumerate(labels)}
     found = np.zeros(len(labels))

@@ -87,7 +87,7 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] = Field(max_length=MAX_PARTS)
+    content: str | list[ContentPart]
 
 
 class ChatCompletionRequest(BaseModel):
@@ -156,6 +156,9 @@ def _parse(body: ChatCompletionRequest, engine, max_pixels: int):
                                 param=f"messages[{i}].content", code="string_above_max_length")
             parts.append(content)
         else:
+            if len(content) > MAX_PARTS:
+                raise ChatError(400, f"messages[{i}].content has {len(content)} parts, more than {MAX_PARTS}",
+                                param=f"messages[{i}].content", code="array_above_max_length")
             for j, part in enumerate(content):
                 where = f"messages[{i}].content[{j}]"
                 if part.type == "text":
