@@ -14,7 +14,7 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, _fit_context
+from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
@@ -333,6 +333,54 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             raise ValueError(f"warm_start can not change the door: fitted on the {self.door_} door, got {door}")
         return StartingPoint.continuing(self._prompt_state, self.refiner_weights_, self.n_iter_, self._kl_until,
                                         self.history_)
+
+    # ---------------------------------------------------------------------- cost
+    def estimate_cost(self, X: Any, y: Any, prices: dict | None = None) -> dict:
+        """What :meth:`fit` would spend on ``X, y``, before any call: a dry run.
+
+        The fit runs as it would, against a stand-in for the backend that answers
+        every call with equal scores and counts it; no call reaches the model, no
+        answer is cached. The stages of ``prompt_tuning="auto"`` choose on real
+        answers, so for it the count is what the stand-in's answers led to (the
+        refiner's first stage and the pilot, when the pilot is affordable), at most
+        ``query_budget``.
+
+        Parameters
+        ----------
+        X, y
+            As for :meth:`fit`.
+        prices : dict or None, default=None
+            ``{"input": usd_per_million_tokens, "output": usd_per_million_tokens}``.
+
+        Returns
+        -------
+        cost : dict
+            ``calls`` (queries), ``input_tokens`` and ``output_tokens`` (for a backend
+            that estimates them, e.g. :class:`~skcarrot.backends.ChatVLMBackend`: images
+            by its ``detail``, text by its ``count_tokens``), and ``usd`` with ``prices``.
+
+        Examples
+        --------
+        >>> from skcarrot import CarrotClassifier, ChatVLMBackend
+        >>> from skcarrot.datasets import few_shot_split, load_digit_images
+        >>> X, y = load_digit_images()
+        >>> X_train, y_train, _, _ = few_shot_split(X[y < 3], y[y < 3], n_shots=4, seed=0)
+        >>> clf = CarrotClassifier(backend=ChatVLMBackend(model="gpt-4o", cache=None), prompt_tuning=False,
+        ...                        class_names=["0", "1", "2"])
+        >>> cost = clf.estimate_cost(X_train, y_train, prices={"input": 2.5, "output": 10.0})
+        >>> cost["calls"], cost["output_tokens"]
+        (96, 96)
+        """
+        from ._training.dry_run import dry_run_backend
+
+        dry = dry_run_backend(resolve_backend(self.backend))
+        estimator = clone(self).set_params(backend=dry, checkpoint=None, verbose=0, warm_start=False)
+        estimator.fit(X, y)
+        cost = {"calls": int(estimator.n_queries_), "input_tokens": dry.n_input_tokens_,
+                "output_tokens": dry.n_output_tokens_}
+        if prices is not None:
+            cost["usd"] = (cost["input_tokens"] * prices["input"] + cost["output_tokens"] * prices["output"]) / 1e6
+        return cost
 
     # ---------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)

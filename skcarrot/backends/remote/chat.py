@@ -16,10 +16,11 @@ Reading the answer (the rules the tests pin):
   options, and never more than the least likely alternative returned.
 - **Groups**: with more classes than ``max_options`` (at most ``top_logprobs``), the classes
   are sent in consecutive groups of at most ``max_options``, each lettered from A, one call a
-  group; a class's score is its log-probability within its group, and the scores are then
-  normalised over all classes (a log-softmax). Every group is taken to be as likely to hold
-  the answer as any other: no call compares classes of different groups, and the refiner
-  learns what that leaves.
+  group; then a final call asks among the groups' winners. A class scores its group winner's
+  log-probability in the final call plus its own log-probability within its group less the
+  winner's, normalised over all classes (a log-softmax). Within a group the model compares
+  classes directly; across groups, only through their winners. A call per image more than the
+  groups: ``G + 1`` calls for ``G`` groups (at most ``max_options`` groups).
 """
 
 from __future__ import annotations
@@ -138,17 +139,22 @@ def option_log_probs(alternatives: Sequence[tuple[str, float]], labels: Sequence
     return logp - logsumexp(logp), True
 
 
-def combine_groups(group_log_probs: Sequence[np.ndarray]) -> np.ndarray:
-    """All classes' log-probabilities from their groups' (each normalised within its group).
+def combine_groups(within: Sequence[np.ndarray], final: np.ndarray) -> np.ndarray:
+    """All classes' log-probabilities from their groups' answers and the final round's.
+
+    ``within[g]``: log-probabilities over group ``g``'s classes; ``final[g]``: the final round's
+    log-probability of group ``g``'s winner. A class scores ``final[g] + within[g] - max(within[g])``,
+    normalised over all classes.
 
     Examples
     --------
     >>> import numpy as np
     >>> from skcarrot.backends.remote.chat import combine_groups
-    >>> np.round(np.exp(combine_groups([np.log([0.5, 0.5]), np.log([1.0, 1e-9])])), 3).tolist()
-    [0.25, 0.25, 0.5, 0.0]
+    >>> within = [np.log([0.8, 0.2]), np.log([0.5, 0.5])]
+    >>> np.round(np.exp(combine_groups(within, np.log([0.9, 0.1]))), 3).tolist()
+    [0.783, 0.196, 0.011, 0.011]
     """
-    scores = np.concatenate([np.asarray(g, dtype=np.float64) for g in group_log_probs])
+    scores = np.concatenate([f + np.asarray(w, dtype=np.float64) - np.max(w) for w, f in zip(within, final)])
     return scores - logsumexp(scores)
 
 
@@ -425,8 +431,9 @@ class ChatVLMBackend:
         return [(g * size, min((g + 1) * size, n_classes)) for g in range(n_groups)]
 
     def calls_per_image(self, n_classes: int) -> int:
-        """Calls one image costs under one instruction: its option groups."""
-        return len(self.groups(n_classes))
+        """Calls one image costs under one instruction: its option groups, and a final round when they are several."""
+        n_groups = len(self.groups(n_classes))
+        return n_groups + (n_groups > 1)
 
     def user_text(self, instruction: str, descriptions: Sequence[str]) -> str:
         """The text of a call: the instruction, then the lettered options (the image follows)."""
@@ -606,25 +613,53 @@ class ChatVLMBackend:
         if len(descriptions) < 2:
             raise ValueError(f"need at least two classes' descriptions, got {descriptions}")
         groups = self.groups(len(descriptions))
-        texts = [self.user_text(instruction, descriptions[a:b]) for a, b in groups]
-        labels = [self.option_labels(b - a) for a, b in groups]
-        digests = [_image_digest(img) for img in images]
-        cache = self._answer_cache()
-        tasks, answers = [], {}
-        for i, digest in enumerate(digests):
-            for g, text in enumerate(texts):
-                key = self._cache_key(text, digest)
-                found = cache.get(key) if cache is not None else None
-                if found is not None:
-                    answers[(i, g)] = found
-                    with self._lock:
-                        self.n_cached_ += 1
-                else:
-                    tasks.append((i, g, key))
+        if len(groups) > self.options_per_call:
+            raise ValueError(f"{len(descriptions)} classes need {len(groups)} option groups, more than the "
+                             f"{self.options_per_call} options a call carries for their final round; raise "
+                             "top_logprobs (or max_options), or classify fewer classes")
         allowance = _Allowance(max_calls)
-        allowance.check(len(tasks))
-        urls = {}
-        for i, _, _ in tasks:
+        urls: dict = {}
+        digests = [_image_digest(img) for img in images]
+        # round 1: every image against every group (one call each)
+        questions = [(i, list(range(a, b))) for i in range(len(images)) for a, b in groups]
+        first = self._ask_all(images, digests, urls, instruction, descriptions, questions, allowance,
+                              extra=len(images) if len(groups) > 1 else 0)
+        out = np.empty((len(images), len(descriptions)))
+        if len(groups) == 1:
+            for i in range(len(images)):
+                out[i] = first[i]
+            return out
+        # round 2: each image against its groups' winners; a class scores its winner's final
+        # log-probability plus its own log-probability within its group relative to the winner's
+        winners = [[a + int(np.argmax(first[i * len(groups) + g])) for g, (a, _) in enumerate(groups)]
+                   for i in range(len(images))]
+        final = self._ask_all(images, digests, urls, instruction, descriptions,
+                              [(i, winners[i]) for i in range(len(images))], allowance)
+        for i in range(len(images)):
+            out[i] = combine_groups(first[i * len(groups): (i + 1) * len(groups)], final[i])
+        return out
+
+    def _ask_all(self, images, digests, urls, instruction, descriptions, questions, allowance, extra=0):
+        """Each question ``(image index, class indices)`` answered: log-probabilities over its classes, in order.
+
+        Cached answers cost nothing; the calls needed (plus ``extra`` to come) are checked against
+        ``allowance`` before any is sent.
+        """
+        cache = self._answer_cache()
+        texts = [self.user_text(instruction, [descriptions[c] for c in classes]) for _, classes in questions]
+        answers, tasks = {}, []
+        for q, (i, _) in enumerate(questions):
+            key = self._cache_key(texts[q], digests[i])
+            found = cache.get(key) if cache is not None else None
+            if found is not None:
+                answers[q] = found
+                with self._lock:
+                    self.n_cached_ += 1
+            else:
+                tasks.append((q, key))
+        allowance.check(len(tasks) + extra)
+        for q, _ in tasks:
+            i = questions[q][0]
             if i not in urls:
                 url = _data_url(images[i])
                 size = len(url) * 3 // 4
@@ -634,26 +669,24 @@ class ChatVLMBackend:
                 urls[i] = url
 
         def run(task):
-            i, g, key = task
-            alternatives, _, _ = self._call(self._request(texts[g], urls[i], labels[g]), allowance)
+            q, key = task
+            labels = self.option_labels(len(questions[q][1]))
+            alternatives, _, _ = self._call(self._request(texts[q], urls[questions[q][0]], labels), allowance)
             if cache is not None:
                 cache.put(key, alternatives)
-            return (i, g), alternatives
+            return q, alternatives
 
         if tasks:
             with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(tasks))) as pool:
-                for where, alternatives in pool.map(run, tasks):
-                    answers[where] = alternatives
-        out = np.empty((len(images), len(descriptions)))
-        unanswered = 0
-        for i in range(len(images)):
-            parts = []
-            for g in range(len(groups)):
-                lp, ok = option_log_probs([(t, lp) for t, lp in answers[(i, g)]], labels[g])
-                unanswered += not ok
-                parts.append(lp)
-            out[i] = combine_groups(parts) if len(parts) > 1 else parts[0]
-        self._check_answers(answers, labels, unanswered, len(images) * len(groups))
+                for q, alternatives in pool.map(run, tasks):
+                    answers[q] = alternatives
+        out, unanswered = [], 0
+        labels = [self.option_labels(len(classes)) for _, classes in questions]
+        for q in range(len(questions)):
+            lp, ok = option_log_probs([(t, v) for t, v in answers[q]], labels[q])
+            unanswered += not ok
+            out.append(lp)
+        self._check_answers(answers, labels, unanswered, len(questions))
         return out
 
     def _check_answers(self, answers: dict, labels: list, unanswered: int, total: int) -> None:
@@ -666,12 +699,12 @@ class ChatVLMBackend:
                         self.model, unanswered, total)
         asked = self.top_logprobs
         if not self.option_token_ids:
-            for (_, g), alternatives in answers.items():
+            for q, alternatives in answers.items():
                 returned = len(alternatives) - 1  # the chosen token is appended
-                if returned < asked and returned < len(labels[g]):
+                if returned < asked and returned < len(labels[q]):
                     raise RemoteProtocolError(
                         f"{self.model} returned {returned} alternatives where top_logprobs={asked} were asked, fewer "
-                        f"than the {len(labels[g])} options of a call: options beyond them would all get the floor. "
+                        f"than the {len(labels[q])} options of a call: options beyond them would all get the floor. "
                         f"Set ChatVLMBackend(top_logprobs={max(returned, 1)}) (or max_options={max(returned, 2)}): "
                         "classes are then sent in groups that fit")
 
@@ -680,8 +713,8 @@ class ChatVLMBackend:
         """``(input, output)`` tokens one call is expected to bill (image at ``detail``, text counted)."""
         count = self.count_tokens or self._bpe_count
         text = self.user_text(instruction, descriptions)
-        # the chat format's own words around the message ("user:", "assistant:"), as skcarrot serve renders it
-        return count(text) + 3 + image_tokens(image_size[0], image_size[1], self.detail), 1
+        # the chat format's own tokens around the message ("user :" and "assistant :", as skcarrot serve renders it)
+        return count(text) + 4 + image_tokens(image_size[0], image_size[1], self.detail), 1
 
     def _bpe_count(self, text: str) -> int:
         if self._tokenizer is None:
