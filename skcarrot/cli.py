@@ -186,6 +186,13 @@ def _serve(args) -> int:
     if db.startswith("sqlite") and args.workers > 1:
         print("skcarrot serve: note: several workers on one SQLite file serialise their writes; "
               "use --db postgresql://... under load", file=sys.stderr)
+    if args.workers > 1:
+        # A key's slots are held per process: each worker gets its share of the limit, so the
+        # key holds at most max(limit, workers) across them all.
+        from .serve.concurrency import per_worker_slots
+
+        limit = settings_from_env().max_concurrent_per_key
+        os.environ["SKCARROT_MAX_CONCURRENT_PER_KEY"] = str(per_worker_slots(limit, args.workers))
     uvicorn.run("skcarrot.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=args.log_level, **uvicorn_limits(settings_from_env()))
     return 0

@@ -41,6 +41,26 @@ def test_revoke_takes_effect_for_the_very_next_charged_request(served, capsys):
     assert status == 0 and "mallory\trevoked" in listing and "used=1" in listing and key not in listing
 
 
+def test_a_revoked_key_is_refused_at_once_by_every_endpoint(served, capsys):
+    app, client, db = served
+    _, key = app.state.server.ledger.create_key("trudy", budget=10)
+    ids = upload(client, key, noise_image(5))
+    from skcarrot.wire import png_base64
+
+    requests = {
+        "score": lambda: score(client, key, ids),
+        "info": lambda: client.get("/v1/info", headers=auth(key)),
+        "usage": lambda: client.get("/v1/usage", headers=auth(key)),
+        "upload": lambda: client.post("/v1/images", headers=auth(key), json={"images": [png_base64(noise_image(6))]}),
+        "missing": lambda: client.post("/v1/images/missing", headers=auth(key), json={"ids": ids}),
+        "models": lambda: client.get("/v1/models", headers=auth(key)),
+    }
+    assert {name: send().status_code for name, send in requests.items()} == {name: 200 for name in requests}
+    assert _cli(capsys, "revoke", "trudy", "--db", db)[0] == 0
+    # every key record is still in the server's cache: each endpoint refuses anyway, at once
+    assert {name: send().status_code for name, send in requests.items()} == {name: 401 for name in requests}
+
+
 def test_rotate_keeps_the_account_and_stops_the_old_secret_at_once(served, capsys):
     app, client, db = served
     _, old = app.state.server.ledger.create_key("carol", budget=10)

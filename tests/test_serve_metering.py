@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from servekit import DIM, N_CTX, auth, noise_image, offsets_array, thread_server, upload  # noqa: E402
+from servekit import DIM, N_CTX, auth, noise_image, offsets_array, score, sqlite_app, thread_server, upload  # noqa: E402
 
 from skcarrot import HTTPBackend  # noqa: E402
 from skcarrot.backends import ToyBackend, ZeroShotHTTPBackend  # noqa: E402
@@ -234,3 +234,26 @@ def test_idempotency_scope_keys_are_deterministic_short_and_printable():
         ["40", "0"], ["40", "1"], ["80", "0"])
     assert len(first) <= 200 and first.isascii()
     assert backend._next_key() != backend._next_key()  # outside a scope: random
+
+
+def test_class_names_past_a_query_s_hundred_are_priced(tmp_path):
+    with sqlite_app(tmp_path) as (app, client, _):
+        _, key = app.state.server.ledger.create_key("names", budget=7)
+        ids = upload(client, key, noise_image(0))
+        few = score(client, key, ids, p=2, class_names=[f"c{i}" for i in range(100)])
+        many = score(client, key, ids, p=2, class_names=[f"c{i}" for i in range(101)])
+        assert (few.status_code, few.json()["queries"]) == (200, 2)
+        assert (many.status_code, many.json()["queries"]) == (200, 4)  # 101 classes: two queries an offset
+        # 1 query left: 2 offsets on 150 classes need 4, refused before the model runs, nothing charged
+        refused = score(client, key, ids, p=2, class_names=[f"c{i}" for i in range(150)])
+        assert refused.status_code == 402 and refused.json()["requested"] == 4
+        assert app.state.server.ledger.find_key("names").prompts_used == 6
+
+
+def test_a_key_holds_at_most_its_limit_of_slots_across_workers():
+    from skcarrot.serve.concurrency import per_worker_slots
+
+    for limit in range(1, 9):
+        for workers in range(1, 9):
+            share = per_worker_slots(limit, workers)
+            assert share >= 1 and workers * share <= max(limit, workers)

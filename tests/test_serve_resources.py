@@ -257,7 +257,7 @@ def test_a_small_request_waits_for_one_piece_of_a_large_one_not_all_of_it(monkey
 
 
 def test_one_key_holds_a_bounded_number_of_turns():
-    from skcarrot.serve.deps import KeySlots
+    from skcarrot.serve.concurrency import KeySlots
 
     slots = KeySlots(per_key=1, max_waiting=1)
 

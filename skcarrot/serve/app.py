@@ -15,7 +15,8 @@ from .. import __version__
 from .chat.engine import CHAT_OFF, LazyChatEngine
 from .config import Settings, settings_from_env
 from .db import UNAVAILABLE, Database
-from .deps import KeySlots, Server
+from .concurrency import KeySlots
+from .deps import Server
 from .errors import ApiError, invalid, retry_after_header
 from .image_store import ImageStore
 from .ledger import Ledger

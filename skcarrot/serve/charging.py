@@ -21,7 +21,7 @@ from fastapi import Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..wire import RAW_MEDIA_TYPE, accepts_raw
-from .deps import Acknowledged, CallerDigest, CurrentKey, IdempotencyKey, Server, ServerDep
+from .deps import Acknowledged, CachedKey, CallerDigest, IdempotencyKey, Server, ServerDep
 from .errors import ApiError, invalid, retry_after_header
 from .idempotency import IdempotencyConflict, fingerprint
 from .ledger import BudgetExceeded, KeyRecord, KeyRevoked, RateLimited
@@ -114,7 +114,7 @@ class ChargedRequest:
         """In one of the key's slots: check the request with ``prepare()`` (422s), then charge and answer it.
 
         In a pool thread; a ``small`` request of ``route`` may run in the event loop's own
-        thread instead (see :class:`~skcarrot.serve.deps.InlinePolicy`).
+        thread instead (see :class:`~skcarrot.serve.concurrency.InlinePolicy`).
         """
         server = self.server
         async with server.slots.hold(self.key.id):
@@ -206,7 +206,7 @@ class ChargedRequest:
 async def charged_request(
     request: Request,
     server: ServerDep,
-    key: CurrentKey,
+    key: CachedKey,
     digest: CallerDigest,
     idem: IdempotencyKey,
     acks: Acknowledged,
@@ -219,7 +219,7 @@ async def charged_request(
 async def raw_charged_request(
     request: Request,
     server: ServerDep,
-    key: CurrentKey,
+    key: CachedKey,
     digest: CallerDigest,
     idem: IdempotencyKey,
     acks: Acknowledged,

@@ -92,6 +92,10 @@ class Settings:
         Most prompts (queries) in one scoring request.
     max_classes : int, default=1000
         Most class names in one scoring request.
+    classes_per_query : int, default=100
+        Class names one ``/v1/score`` query scores an offset against: an offset
+        scored on ``C`` class names costs ``ceil(C / classes_per_query)``
+        queries (one, for up to 100 classes).
     max_logits_per_request : int, default=4194304
         Most logits one scoring request may ask for: prompts x images x classes
         (``P x N x C``); a larger request is refused (422) before anything is charged.
@@ -108,7 +112,9 @@ class Settings:
     max_concurrent_per_key : int, default=4
         Requests of one key (uploads and charged requests) run at once in one
         server process; more wait their turn, and past ``4 x`` that many waiting
-        are refused (429).
+        are refused (429). ``skcarrot serve --workers N`` gives each worker its
+        share (:func:`~skcarrot.serve.concurrency.per_worker_slots`, at least one),
+        so a key holds at most ``max(max_concurrent_per_key, N)`` across them all.
     idempotency_ttl_s : float, default=7 days
         How long a charged request's ``Idempotency-Key`` is remembered: a retry
         within it is never charged again.
@@ -152,6 +158,7 @@ class Settings:
     max_images_per_request: int = 4096
     max_prompts_per_request: int = 256
     max_classes: int = 1000
+    classes_per_query: int = 100
     max_logits_per_request: int = 4 * 1024 * 1024
     max_offset_abs: float = 1e4
     max_image_pixels: int = 4096 * 4096

@@ -235,9 +235,13 @@ class HTTPBackend(RemoteClient):
     def _send_images(self, encoded: list[str], ids: list[str]) -> None:
         returned = self._request("POST", "/v1/images", {"images": encoded})["ids"]
         if returned != ids:
+            first = next((i for i, (a, b) in enumerate(zip(returned, ids)) if a != b), min(len(returned), len(ids)))
             raise RemoteBackendError(
-                "the server computed other content ids for the uploaded images than this client; "
-                "client and server disagree on image decoding"
+                f"the server computed other content ids for the {len(ids)} uploaded images than this client "
+                f"({len(returned)} ids returned; the first difference at image {first}: server "
+                f"{returned[first] if first < len(returned) else None!r}, client "
+                f"{ids[first] if first < len(ids) else None!r}); client and server disagree on image decoding: "
+                "upgrade both to the same skcarrot version"
             )
 
     def _unknown(self, images: Sequence[Any], ids: list[str]) -> dict[str, Any]:

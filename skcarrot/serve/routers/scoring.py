@@ -75,14 +75,16 @@ def _scoring_route(path: str, summary: str):
                        summary=summary)
 
 
-@_scoring_route("/score", "Logits (P, N, C) of uploaded images under P prompt offsets; P queries")
+@_scoring_route("/score", "Logits (P, N, C) of uploaded images under P prompt offsets; P queries per 100 classes")
 async def score(body: ScoreRequest, charged: RawChargedRequestDep):
     """Score every image against every class name under each prompt offset.
 
-    Each of the ``P`` offsets is one query, whatever the images and class names
-    (at most ``max_classes``): the price is linear in the offsets, so sending
-    them together or apart costs the same. Charged before the model runs; at
-    most ``max_logits_per_request`` logits (``P x N x C``) per request.
+    Each of the ``P`` offsets is one query for up to ``classes_per_query`` class
+    names (100 by default), whatever the images: ``C`` class names cost
+    ``P x ceil(C / classes_per_query)`` queries (at most ``max_classes``). The
+    price is linear in the offsets, so sending them together or apart costs the
+    same. Charged before the model runs; at most ``max_logits_per_request``
+    logits (``P x N x C``) per request.
     """
     server = charged.server
     settings, scorer = server.settings, server.scorer
@@ -92,7 +94,8 @@ async def score(body: ScoreRequest, charged: RawChargedRequestDep):
         names = validation.check_class_names(body.class_names, ("body", "class_names"), settings, scorer)
         offsets = validation.check_offsets(body.offsets, ("body", "offsets"), settings, scorer)
         validation.check_work(len(offsets), len(body.image_ids), len(names), settings)
-        return _logits_job(server, charged.key.id, body.image_ids, len(offsets), body.encoding,
+        billed = len(offsets) * -(-len(names) // settings.classes_per_query)
+        return _logits_job(server, charged.key.id, body.image_ids, billed, body.encoding,
                            lambda images: scorer.score(images, names, offsets), ("body", "offsets"), charged.raw,
                            body.images)
 
