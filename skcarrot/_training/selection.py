@@ -225,7 +225,9 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
         )
 
     # Stage 2: a cross-fitted pilot of the full method within a quarter of the budget.
-    pilot_budget = int(PILOT_FRACTION * settings.query_budget) // 2
+    # A door that bills each image (the chat door) takes the first stage's spending out of the same quarter.
+    pilot_budget = (door.pilot_budget(settings.query_budget, len(y)) if hasattr(door, "pilot_budget")
+                    else int(PILOT_FRACTION * settings.query_budget) // 2)
     halves = stratified_folds(y, 2, np.random.RandomState(seed + _HALVES_SEED))
     pilot = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False, query_budget=pilot_budget)
     before = door.counter.n_queries

@@ -12,14 +12,15 @@ counts every query scored through either interface and enforces the query budget
 tiny deterministic stand-in for tests and examples. :class:`HTTPBackend`
 reaches a model served by ``skcarrot serve`` over HTTP (both interfaces);
 :class:`ZeroShotHTTPBackend` any zero-shot-image-classification endpoint (the
-text interface). :func:`~skcarrot.backends.models.open_model` turns a model name into a model.
+text interface); :class:`ChatVLMBackend` any OpenAI-compatible chat model that returns
+log-probabilities (the chat door). :func:`~skcarrot.backends.models.open_model` turns a model name into a model.
 """
 
 from ._base import BlackBoxVLM, QueryCounter, TextBlackBox
 from .embedded import OpenCLIPTextBackend, embedded_backend
 from .models import open_model
 from .openclip import OpenCLIPBackend, register_model_configs
-from .remote import HTTPBackend, ZeroShotHTTPBackend
+from .remote import ChatVLMBackend, HTTPBackend, ZeroShotHTTPBackend
 from .toy import ToyBackend
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ToyBackend",
     "HTTPBackend",
     "ZeroShotHTTPBackend",
+    "ChatVLMBackend",
     "embedded_backend",
     "open_model",
     "register_model_configs",

@@ -105,8 +105,8 @@ class Door:
         """
         raise NotImplementedError
 
-    def start_cost(self, search: Any) -> int:
-        """Queries :meth:`start` spends before the first generation."""
+    def start_cost(self, search: Any, n_images: int = 0) -> int:
+        """Queries :meth:`start` spends on ``n_images`` training shots before the first generation."""
         return 0
 
     def start(self, search: Any, images, y: np.ndarray) -> None:
