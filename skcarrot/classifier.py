@@ -65,9 +65,10 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         ``OpenCLIPBackend(model_name=..., pretrained=...)``, ``HTTPBackend`` or
         ``ZeroShotHTTPBackend``. None: the embedded micro CLIP
         (:func:`skcarrot.backends.embedded_backend`).
-    door : {"auto", "embedding", "text"}, default="auto"
+    door : {"auto", "embedding", "text", "chat"}, default="auto"
         How to reach the backend (:mod:`skcarrot.doors`). "auto": the embedding
-        door when the backend offers ``logits``, else the text door. An explicit
+        door when the backend offers ``logits``, else the text door, else the chat
+        door (a :class:`~skcarrot.backends.ChatVLMBackend`). An explicit
         door works with any backend that offers it (``HTTPBackend`` offers both).
     class_names : mapping, sequence of str or None, default=None
         Names used in prompts. A mapping from label to name; a sequence indexed
@@ -228,6 +229,14 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         "refine-only" or "carrot"), why (``reason``), the held-out gains,
         ``refiner_epochs`` (the epochs a refine-only choice trains) and
         ``pilot_queries``; None for any other setting.
+    instruction_ : str or None
+        Chat door: the learned instruction of the multiple-choice question. None on the other doors.
+    descriptions_ : list of str or None
+        Chat door: the learned description of each class, shown as its option.
+    n_calls_ : int or None
+        Chat door: chat calls sent by the last ``fit``, retries included (cached answers cost none).
+    n_input_tokens_, n_output_tokens_ : int or None
+        Chat door: prompt and completion tokens of those calls, as the server's ``usage`` reported them.
     fit_time_ : float
         Seconds spent in the last ``fit``.
 
@@ -409,6 +418,23 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             self.n_features_in_ = width
         elif hasattr(self, "n_features_in_"):
             del self.n_features_in_
+
+    def estimate_cost(self, X: Any, y: Any, prices: Mapping | None = None) -> dict:
+        """What :meth:`fit` on ``X, y`` would spend on the chat door, computed without a call.
+
+        Calls from the fit's own run plan, tokens by the backend's count of the hand-written
+        prompt's text and of each image by model and detail, and money from ``prices``
+        (``{model: (usd_per_1M_input_tokens, usd_per_1M_output_tokens)}``); see
+        :func:`skcarrot.doors.chat.estimate_cost`.
+
+        Returns
+        -------
+        estimate : dict
+            ``calls``, ``input_tokens``, ``output_tokens``, ``usd``.
+        """
+        from .doors.chat import estimate_cost
+
+        return estimate_cost(self, X, y, prices)
 
     # ------------------------------------------------------------------ predict
     def decision_function(self, X: Any) -> np.ndarray:

@@ -52,12 +52,13 @@ def images_for(y, n_classes, seed=0, size=8):
 class FakeChat:
     """The server's script and record; ``url`` (the API root, ``.../v1``) inside a ``with`` block."""
 
-    def __init__(self, class_names, *, model="fake-vlm", key=None, position_bias=1.0, sharpness=8.0):
+    def __init__(self, class_names, *, model="fake-vlm", key=None, position_bias=1.0, sharpness=8.0, distractor_gap=3.0):
         self.class_names = [str(c) for c in class_names]
         self.model = model
         self.key = key
         self.position_bias = position_bias
         self.sharpness = sharpness
+        self.distractor_gap = distractor_gap  # how far below the best option the distractor words come
         self.max_alternatives = 20
         self.sentinel = False  # options outside the returned ones come back as -9999 entries
         self.storm = 0  # this many next calls answer 429
@@ -105,7 +106,7 @@ class FakeChat:
         scored = self.option_scores(text, brightness)
         # The distractors trail the best option (a model that follows the instruction), unless it chats.
         top_option = max(s for _, s in scored)
-        level = top_option + 5.0 if self.chatty else top_option - 3.0
+        level = top_option + 5.0 if self.chatty else top_option - self.distractor_gap
         tokens = [(letter, s) for letter, s in scored] + [(d, level - i) for i, d in enumerate(DISTRACTORS)]
         logits = np.array([s for _, s in tokens])
         logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
@@ -124,7 +125,8 @@ class FakeChat:
         k = int(body.get("top_logprobs") or 0)
         if ids:  # vLLM: the requested token ids (here: 1000 + letter index) are all returned
             wanted = {chr(ord("A") + i - 1000) for i in ids}
-            top = [e for e in entries if e[0].strip().upper().replace("</W>", "") in wanted] + entries[:1]
+            top = [e for e in entries if e[0].strip().upper().replace("</W>", "") in wanted]
+            top += [e for e in entries[:1] if e not in top]  # the sampled token comes along
         else:
             top = entries[: min(k, self.max_alternatives)]
             if self.sentinel:
