@@ -68,7 +68,7 @@ def _rungs(n_candidates: int, n_images: int, n_classes: int, eta: int, keep: int
     rungs = []
     for r in range(n_rungs):
         shots = n_images // eta ** (n_rungs - 1 - r)
-        rungs.append((counts[r], int(min(n_images, max(shots, min(n_images, 2 * n_classes))))))
+        rungs.append((counts[r], int(min(n_images, max(shots, n_classes)))))
     return rungs
 
 
@@ -80,7 +80,7 @@ def screening_cost(n_candidates: int, n_images: int, n_classes: int, calls_per_i
     --------
     >>> from skcarrot.search.instructions import screening_cost
     >>> screening_cost(18, 16, 2, 1)
-    112
+    98
     """
     total, seen = 0, 0
     for count, shots in _rungs(n_candidates, n_images, n_classes, eta, keep):
