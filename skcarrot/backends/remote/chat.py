@@ -138,7 +138,7 @@ def option_scores(alternatives: Sequence[tuple[str, float]], n_options: int,
     >>> from skcarrot.backends.remote.chat import option_scores
     >>> logp, floored = option_scores([("B", np.log(0.6)), (" b", np.log(0.2)), ("A", np.log(0.1))], 3)
     >>> np.exp(logp).round(3).tolist(), floored
-    ([0.118, 0.842, 0.04], 1)
+    ([0.105, 0.842, 0.053], 1)
     """
     finite = [float(lp) for _, lp in alternatives if lp is not None and float(lp) > SENTINEL / 2]
     if not finite:
