@@ -189,7 +189,7 @@ def test_the_cache_makes_a_second_fit_call_nothing(fake, shots, tmp_path):
 
 def test_the_cache_keeps_at_most_cache_size_answers(fake, shots, tmp_path):
     X, _ = shots
-    chat = backend(fake, cache=tmp_path / "b.sqlite", cache_size=4)
+    chat = backend(fake, cache=tmp_path / "b.sqlite", cache_size=4, max_concurrency=1)  # asked in order
     chat.option_log_probs(to_pil_images(X), "What?", NAMES)
     assert len(chat._cache()) == 4 and fake.requests == len(X)
     chat.option_log_probs(to_pil_images(X[-4:]), "What?", NAMES)  # the most recent four are kept
@@ -381,3 +381,17 @@ def test_the_default_fit_learns_held_out_images():
         assert clf.score(Xte, yte) >= zero.score(Xte, yte) and clf.score(Xte, yte) > 0.8
         if clf.selection_["choice"] != "carrot":  # the search did not pay: at most a quarter of the budget
             assert clf.n_calls_ <= 0.25 * 600
+
+
+def test_a_warm_start_keeps_its_screening_and_pays_for_no_answer_twice(fake, shots, tmp_path):
+    X, y = shots
+    chat = backend(fake, cache=tmp_path / "w.sqlite")
+    clf = CarrotClassifier(backend=chat, **dict(FAST, prompt_tuning=True, max_iter=2)).fit(X, y)
+    assert clf.n_queries_by_purpose_["screen"] > 0
+    before = fake.requests
+    clf.set_params(warm_start=True).fit(X, y)
+    assert clf.n_queries_by_purpose_["screen"] == 0  # the screening's result came with the warm start
+    # two generations would ask popsize prompts and a refiner epoch of all shots: the cache answers
+    # what was asked before (the current prompt, at least), so fewer calls go out
+    planned = 2 * (FAST["popsize"] * len(y) + len(y))
+    assert fake.requests - before == clf.n_calls_ < planned
