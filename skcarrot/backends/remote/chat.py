@@ -451,8 +451,9 @@ class ChatVLMBackend:
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be the model's name on the server, got {model!r}")
-        if not 1 <= int(top_logprobs) <= 20 and option_token_ids is None:
-            raise ValueError(f"top_logprobs must be in 1..20 (the API's range), got {top_logprobs}")
+        if not 2 <= int(top_logprobs) <= 20:
+            raise ValueError(f"top_logprobs must be in 2..20 (the API's range, and two options a call at least), "
+                             f"got {top_logprobs}")
         if detail not in ("low", "high", "auto"):
             raise ValueError(f"detail must be 'low', 'high' or 'auto', got {detail!r}")
         self.model = model
