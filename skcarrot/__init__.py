@@ -6,7 +6,7 @@ query counted.
 """
 
 from ._vocabulary import UnknownClassNamesWarning
-from .backends import BlackBoxVLM, HTTPBackend, OpenCLIPBackend, QueryCounter, ToyBackend, ZeroShotHTTPBackend
+from .backends import BlackBoxVLM, ChatVLMBackend, HTTPBackend, OpenCLIPBackend, QueryCounter, ToyBackend, ZeroShotHTTPBackend
 from .classifier import CarrotClassifier
 from .exceptions import QueryBudgetExceededError, WeightsUnavailableError
 
@@ -17,6 +17,7 @@ __all__ = [
     "BlackBoxVLM",
     "OpenCLIPBackend",
     "HTTPBackend",
+    "ChatVLMBackend",
     "ZeroShotHTTPBackend",
     "QueryCounter",
     "ToyBackend",

@@ -14,7 +14,7 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, _fit_context
+from sklearn.base import BaseEstimator, _fit_context, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
@@ -65,10 +65,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         ``OpenCLIPBackend(model_name=..., pretrained=...)``, ``HTTPBackend`` or
         ``ZeroShotHTTPBackend``. None: the embedded micro CLIP
         (:func:`skcarrot.backends.embedded_backend`).
-    door : {"auto", "embedding", "text", "chat"}, default="auto"
+    door : {"auto", "embedding", "text"}, default="auto"
         How to reach the backend (:mod:`skcarrot.doors`). "auto": the embedding
-        door when the backend offers ``logits``, else the text door, else the chat
-        door (a :class:`~skcarrot.backends.ChatVLMBackend`). An explicit
+        door when the backend offers ``logits``, else the text door. An explicit
         door works with any backend that offers it (``HTTPBackend`` offers both).
     class_names : mapping, sequence of str or None, default=None
         Names used in prompts. A mapping from label to name; a sequence indexed
@@ -229,14 +228,6 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         "refine-only" or "carrot"), why (``reason``), the held-out gains,
         ``refiner_epochs`` (the epochs a refine-only choice trains) and
         ``pilot_queries``; None for any other setting.
-    instruction_ : str or None
-        Chat door: the learned instruction of the multiple-choice question. None on the other doors.
-    descriptions_ : list of str or None
-        Chat door: the learned description of each class, shown as its option.
-    n_calls_ : int or None
-        Chat door: chat calls sent by the last ``fit``, retries included (cached answers cost none).
-    n_input_tokens_, n_output_tokens_ : int or None
-        Chat door: prompt and completion tokens of those calls, as the server's ``usage`` reported them.
     fit_time_ : float
         Seconds spent in the last ``fit``.
 
@@ -343,6 +334,54 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         return StartingPoint.continuing(self._prompt_state, self.refiner_weights_, self.n_iter_, self._kl_until,
                                         self.history_)
 
+    # ---------------------------------------------------------------------- cost
+    def estimate_cost(self, X: Any, y: Any, prices: dict | None = None) -> dict:
+        """What :meth:`fit` would spend on ``X, y``, before any call: a dry run.
+
+        The fit runs as it would, against a stand-in for the backend that answers
+        every call with equal scores and counts it; no call reaches the model, no
+        answer is cached. The stages of ``prompt_tuning="auto"`` choose on real
+        answers, so for it the count is what the stand-in's answers led to (the
+        refiner's first stage and the pilot, when the pilot is affordable), at most
+        ``query_budget``.
+
+        Parameters
+        ----------
+        X, y
+            As for :meth:`fit`.
+        prices : dict or None, default=None
+            ``{"input": usd_per_million_tokens, "output": usd_per_million_tokens}``.
+
+        Returns
+        -------
+        cost : dict
+            ``calls`` (queries), ``input_tokens`` and ``output_tokens`` (for a backend
+            that estimates them, e.g. :class:`~skcarrot.backends.ChatVLMBackend`: images
+            by its ``detail``, text by its ``count_tokens``), and ``usd`` with ``prices``.
+
+        Examples
+        --------
+        >>> from skcarrot import CarrotClassifier, ChatVLMBackend
+        >>> from skcarrot.datasets import few_shot_split, load_digit_images
+        >>> X, y = load_digit_images()
+        >>> X_train, y_train, _, _ = few_shot_split(X[y < 3], y[y < 3], n_shots=4, seed=0)
+        >>> clf = CarrotClassifier(backend=ChatVLMBackend(model="gpt-4o", cache=None), prompt_tuning=False,
+        ...                        class_names=["0", "1", "2"])
+        >>> cost = clf.estimate_cost(X_train, y_train, prices={"input": 2.5, "output": 10.0})
+        >>> cost["calls"], cost["output_tokens"]
+        (96, 96)
+        """
+        from ._training.dry_run import dry_run_backend
+
+        dry = dry_run_backend(resolve_backend(self.backend))
+        estimator = clone(self).set_params(backend=dry, checkpoint=None, verbose=0, warm_start=False)
+        estimator.fit(X, y)
+        cost = {"calls": int(estimator.n_queries_), "input_tokens": dry.n_input_tokens_,
+                "output_tokens": dry.n_output_tokens_}
+        if prices is not None:
+            cost["usd"] = (cost["input_tokens"] * prices["input"] + cost["output_tokens"] * prices["output"]) / 1e6
+        return cost
+
     # ---------------------------------------------------------------------- fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> "CarrotClassifier":
@@ -418,23 +457,6 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
             self.n_features_in_ = width
         elif hasattr(self, "n_features_in_"):
             del self.n_features_in_
-
-    def estimate_cost(self, X: Any, y: Any, prices: Mapping | None = None) -> dict:
-        """What :meth:`fit` on ``X, y`` would spend on the chat door, computed without a call.
-
-        Calls from the fit's own run plan, tokens by the backend's count of the hand-written
-        prompt's text and of each image by model and detail, and money from ``prices``
-        (``{model: (usd_per_1M_input_tokens, usd_per_1M_output_tokens)}``); see
-        :func:`skcarrot.doors.chat.estimate_cost`.
-
-        Returns
-        -------
-        estimate : dict
-            ``calls``, ``input_tokens``, ``output_tokens``, ``usd``.
-        """
-        from .doors.chat import estimate_cost
-
-        return estimate_cost(self, X, y, prices)
 
     # ------------------------------------------------------------------ predict
     def decision_function(self, X: Any) -> np.ndarray:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -112,6 +113,9 @@ def _add_serve_commands(sub) -> None:
                             "'openai', or the model's first tag); 'random' for random weights, with a warning")
     serve.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"prompt template (default {DEFAULT_TEMPLATE!r})")
     serve.add_argument("--device", default="auto", help="torch device (default auto)")
+    serve.add_argument("--chat-weights", default=None,
+                       help="the chat model at /v1/chat/completions: a safetensors file of the micro chat model "
+                            "(default: its shipped weights), 'random' (with a warning) or 'off' (no chat endpoint)")
     serve.add_argument("--db", default=None,
                        help="ledger URL: sqlite:///file.db (default sqlite:///skcarrot-ledger.db, or $SKCARROT_DB) "
                             "or postgresql://user@host:port/db")
@@ -169,9 +173,16 @@ def _serve(args) -> int:
     except (ValueError, OSError) as exc:
         print(f"skcarrot serve: error: {exc}", file=sys.stderr)
         return 2
+    from .serve.chat.engine import CHAT_OFF, CHAT_WEIGHTS
+
+    chat = args.chat_weights
+    if chat not in (CHAT_OFF, "random") and not os.path.isfile(chat or CHAT_WEIGHTS):
+        print(f"skcarrot serve: error: chat model weights not found at {chat or CHAT_WEIGHTS}; pass "
+              "--chat-weights FILE, 'random' or 'off'", file=sys.stderr)
+        return 2
     # Each worker builds its own app from these (uvicorn --factory), so N workers share the ledger.
     export_worker_env(db_url=db, model_name=args.model, pretrained=args.pretrained, template=args.template,
-                      device=args.device)
+                      device=args.device, chat_weights=args.chat_weights)
     if db.startswith("sqlite") and args.workers > 1:
         print("skcarrot serve: note: several workers on one SQLite file serialise their writes; "
               "use --db postgresql://... under load", file=sys.stderr)

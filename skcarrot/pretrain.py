@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backends.models import DEFAULT_TEMPLATE
+from .backends.models import DEFAULT_TEMPLATE, EMBEDDED_MODEL
 from .datasets import (
     DIGIT_WORDS,
     FASHION_CLASSES,
@@ -40,7 +40,8 @@ from .datasets import (
 
 __all__ = ["MODEL_NAME", "DIGIT_TEMPLATES", "FASHION_TEMPLATES", "pretrain", "opencv_digits_split"]
 
-MODEL_NAME = "skcarrot-micro-clip"
+#: The open_clip config the recipe trains: the embedded model, named once in backends.models.
+MODEL_NAME = EMBEDDED_MODEL
 
 DIGIT_TEMPLATES = (
     DEFAULT_TEMPLATE,  # the zero-shot prompt the model is trained to read

@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "encode_array",
     "encode_raw",
     "hash_pixels",
+    "image_tokens",
     "image_content_id",
     "png_base64",
 ]
@@ -340,3 +342,28 @@ def decode_array(
         bad = [int(i) for i in np.argwhere(~np.isfinite(arr))[0]]
         raise WireFormatError(f"contains NaN or infinity (first at index {bad}); every value must be finite")
     return arr
+
+
+_BASE_TOKENS, _TILE_TOKENS, _TILE = 85, 170, 512
+
+
+def image_tokens(width: int, height: int, detail: str = "low") -> int:
+    """Tokens an image is billed, as OpenAI bills its tile models: 85 at low detail, 85 + 170 a 512-px tile at high.
+
+    ``"auto"`` is billed as ``"low"`` for images up to 512 pixels a side, as ``"high"`` above.
+
+    Examples
+    --------
+    >>> from skcarrot.wire import image_tokens
+    >>> image_tokens(28, 28), image_tokens(1024, 1024, "high"), image_tokens(28, 28, "auto")
+    (85, 765, 85)
+    """
+    if detail == "auto":
+        detail = "low" if max(width, height) <= _TILE else "high"
+    if detail == "low":
+        return _BASE_TOKENS
+    scale = min(1.0, 2048 / max(width, height))
+    w, h = width * scale, height * scale
+    scale = min(1.0, 768 / min(w, h))
+    w, h = w * scale, h * scale
+    return _BASE_TOKENS + _TILE_TOKENS * math.ceil(w / _TILE) * math.ceil(h / _TILE)

@@ -1,7 +1,6 @@
-"""The chat door against an OpenAI-compatible test double, through the real openai client."""
+"""The chat door: ChatVLMBackend through the real openai client, against a scripted server and our own."""
 
 import pickle
-import time
 
 import joblib
 import numpy as np
@@ -10,19 +9,15 @@ from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from chatkit import FakeChat, images_for
-from skcarrot import CarrotClassifier
-from skcarrot._math import log_softmax
-from skcarrot.backends import ChatVLMBackend
+from chatkit import KEY, MODEL, Script, brightness_images, fake_chat_server
+from skcarrot import CarrotClassifier, ChatVLMBackend
 from skcarrot.backends.remote.chat import (
-    batch_calibrate,
-    combine_rounds,
-    option_groups,
-    option_letter,
-    option_scores,
+    AnswerCache,
+    LogprobsUnavailableError,
+    combine_groups,
+    normalise_token,
+    option_log_probs,
 )
-from skcarrot.doors import ChatDoor, pick_door
-from skcarrot.doors.chat import ChatCounter
 from skcarrot.exceptions import (
     QueryBudgetExceededError,
     RemoteAuthenticationError,
@@ -30,368 +25,281 @@ from skcarrot.exceptions import (
     RemoteUnavailableError,
     RemoteValidationError,
 )
-from skcarrot.images import to_pil_images
-from skcarrot.search import InstructionSearch, PromptSearch
-from skcarrot.search.instructions import screening_cost
 
-NAMES = ["0", "1", "2"]
-FAST = dict(query_budget=300, popsize=2, n_views=2, max_iter=3, random_state=0)
-
-
-def backend(fake, **kw):
-    return ChatVLMBackend(fake.model, base_url=fake.url, backoff=0.0, **{"cache": None, **kw})
+KEY_ENV = "SKCARROT_TEST_CHAT_KEY"
+NAMES = [str(c) for c in range(4)]
 
 
 @pytest.fixture
-def fake():
-    with FakeChat(NAMES) as server:
-        yield server
+def fake(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    server, script = fake_chat_server()
+    with server:
+        yield server.url, script
 
 
-@pytest.fixture(scope="module")
-def shots():
-    y = np.repeat(np.arange(3), 3)
-    return images_for(y, 3, seed=1), y
+def backend(url, **kw):
+    params = dict(model=MODEL, base_url=url, api_key_env=KEY_ENV, cache=None, max_concurrency=2, timeout=10)
+    params.update(kw)
+    return ChatVLMBackend(**params)
 
 
-# ------------------------------------------------------------------ reading an answer
-def test_option_tokens_are_one_option_whatever_their_spelling():
-    assert [option_letter(t) for t in ["C", " c", "c.", "C)", "c</w>", "\u0120C", "\u2581c"]] == [2] * 7
-    assert option_letter("Cat") is None and option_letter("1") is None and option_letter("") is None
-    logp, floored = option_scores([("B", np.log(0.3)), (" b", np.log(0.3)), ("A", np.log(0.2))], 2)
-    np.testing.assert_allclose(np.exp(logp), [0.2 / 0.8, 0.6 / 0.8])
-    assert floored == 0
+def shots(n=3, classes=4, seed=0):
+    y = np.repeat(np.arange(classes), n)
+    return brightness_images(y, seed=seed), y
 
 
-def test_a_missing_or_sentinel_option_gets_the_lowest_returned_less_log_two():
-    alternatives = [("A", -0.1), ("The", -3.0), ("C", -9999.0)]
-    logp, floored = option_scores(alternatives, 3)
-    raw = np.array([-0.1, -3.0 - np.log(2), -3.0 - np.log(2)])
-    np.testing.assert_allclose(logp, log_softmax(raw))
-    assert floored == 2
-    with pytest.raises(RemoteProtocolError, match="names an option A..C"):
-        option_scores([("The", -0.1), ("It", -2.0)], 3)
+def quick(b, **kw):
+    params = dict(backend=b, class_names=NAMES, prompt_tuning=False, n_views=1, max_iter=3, random_state=0)
+    params.update(kw)
+    return CarrotClassifier(**params)
 
 
-@pytest.mark.parametrize("style", ["clip", "split"])
-def test_letters_spelled_as_a_tokenizer_spells_them_score_as_plain_letters(fake, shots, style):
-    X, _ = shots
-    images = to_pil_images(X)
-    plain = backend(fake).option_log_probs(images, "What?", NAMES)
-    fake.letter_style = style
-    np.testing.assert_allclose(backend(fake).option_log_probs(images, "What?", NAMES), plain, atol=1e-9)
+# -- reading the answer ---------------------------------------------------------------------------
+
+def test_tokens_are_options_by_their_normalised_text():
+    assert {normalise_token(t) for t in ["B", " B", "b", "B.", "(B)", "b\u00a0"]} == {"b"}
+    lp, ok = option_log_probs([("B", np.log(0.5)), (" b", np.log(0.3)), ("A", np.log(0.1))], ["A", "B"])
+    assert ok and np.allclose(np.exp(lp), [0.1 / 0.9, 0.8 / 0.9])
 
 
-def test_the_sentinel_of_a_server_reads_as_the_floor(fake, shots):
-    X, y = shots
-    fake.max_alternatives, fake.sentinel = 2, True
-    logp = backend(fake, top_logprobs=2).option_log_probs(to_pil_images(X), "What?", NAMES)
-    assert np.isfinite(logp).all() and (logp.argmax(1) == y).mean() == 1.0
+def test_a_missing_option_gets_the_mass_left_never_more_than_the_least_alternative():
+    # 0.9 returned; 0.1 left for two missing options: 0.05 each, under the least alternative (0.1)
+    lp, _ = option_log_probs([("A", np.log(0.8)), ("B", np.log(0.1))], ["A", "B", "C", "D"])
+    assert np.allclose(np.exp(lp), np.array([0.8, 0.1, 0.05, 0.05]) / 1.0)
+    # nothing left: the floor is half the least alternative
+    lp, _ = option_log_probs([("A", np.log(0.7)), ("B", np.log(0.3))], ["A", "B", "C"])
+    assert np.allclose(np.exp(lp), np.array([0.7, 0.3, 0.15]) / 1.15)
 
 
-# ------------------------------------------------------------------ groups of options
-def test_groups_then_a_final_among_winners_equal_one_softmax_over_all_options():
-    scores = np.array([0.5, 2.0, -1.0, 1.5, 0.0, 3.0, -0.5])
-    groups = option_groups(7, 3)
-    assert groups == [[0, 1, 2], [3, 4], [5, 6]]
-    rounds = [log_softmax(scores[g]) for g in groups]
-    final = log_softmax(np.array([scores[1], scores[3], scores[5]]))
-    np.testing.assert_allclose(combine_rounds(rounds, groups, final, 7), log_softmax(scores))
+def test_the_sentinel_is_a_missing_option():
+    with_sentinel, _ = option_log_probs([("A", np.log(0.6)), ("B", np.log(0.2)), ("C", -9999.0)], ["A", "B", "C"])
+    without, _ = option_log_probs([("A", np.log(0.6)), ("B", np.log(0.2))], ["A", "B", "C"])
+    assert np.allclose(with_sentinel, without) and np.isfinite(with_sentinel).all()
 
 
-def test_more_classes_than_one_call_shows_are_asked_in_groups(shots):
-    names = [str(c) for c in range(6)]
-    y = np.arange(6).repeat(2)
-    images = to_pil_images(images_for(y, 6, seed=2))
-    # no distractor among the top alternatives: each answer holds all its options, and no floor is needed
-    with FakeChat(names, position_bias=0.0, distractor_gap=100.0) as fake:
-        whole = backend(fake).option_log_probs(images, "What?", names)
-        one_call = fake.requests
-        grouped_backend = backend(fake, top_logprobs=4)
-        grouped = grouped_backend.option_log_probs(images, "What?", names)
-        # two groups of three (each answer holds its three options), then a final between the winners
-        assert fake.requests - one_call == len(images) * grouped_backend.calls_per_image(6) == len(images) * 3
-    assert one_call == len(images)
-    np.testing.assert_allclose(grouped, whole, atol=1e-6)
-    assert (whole.argmax(1) == y).all()
+def test_an_answer_with_no_option_is_uniform_and_said():
+    lp, ok = option_log_probs([("Sure", -0.1), ("I", -2.0)], ["A", "B", "C"])
+    assert not ok and np.allclose(np.exp(lp), 1 / 3)
 
 
-def test_vllm_token_ids_ask_every_option_exactly(fake, shots):
-    X, y = shots
-    exact = backend(fake, option_token_ids={c: 1000 + i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ")})
-    logp = exact.option_log_probs(to_pil_images(X), "What?", NAMES)
-    assert fake.bodies[-1]["logprob_token_ids"] == [1000, 1001, 1002]
-    np.testing.assert_allclose(logp, backend(fake).option_log_probs(to_pil_images(X), "What?", NAMES), atol=1e-9)
+def test_groups_are_consecutive_and_their_winners_meet_in_a_final_round():
+    b = ChatVLMBackend(cache=None, top_logprobs=5)
+    assert b.groups(12) == [(0, 5), (5, 10), (10, 12)] and b.calls_per_image(12) == 4
+    assert b.calls_per_image(5) == 1
+    assert ChatVLMBackend(cache=None, max_options=4).groups(12) == [(0, 4), (4, 8), (8, 12)]
+    # group 2's winner wins the final: it ranks first although group 1's winner was surer in its group
+    scores = combine_groups([np.log([0.9, 0.1]), np.log([0.6, 0.4])], np.log([0.3, 0.7]))
+    assert np.isclose(np.exp(scores).sum(), 1) and np.argmax(scores) == 2
+    assert np.allclose(scores[3] - scores[2], np.log(0.4 / 0.6)) and np.allclose(scores[1] - scores[0], np.log(1 / 9))
+    with pytest.raises(ValueError, match="option groups"):
+        ChatVLMBackend(cache=None, max_options=2).option_log_probs([None] * 1, "Which?", [str(c) for c in range(5)])
 
 
-def test_the_request_puts_the_text_before_the_image_and_asks_one_token(fake, shots):
-    X, _ = shots
-    backend(fake).option_log_probs(to_pil_images(X[:1]), "Which digit?", ["zero", "one"])
-    body = fake.bodies[-1]
-    parts = body["messages"][0]["content"]
-    assert [p["type"] for p in parts] == ["text", "image_url"]
-    assert parts[0]["text"].startswith("Which digit?\n\nA. zero\nB. one")
-    assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,") and parts[1]["image_url"]["detail"] == "low"
-    assert body["max_completion_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
-    assert body["temperature"] == 0
+def test_classes_in_groups_are_scored_right(fake):
+    url, script = fake
+    images, y = shots(1, classes=12)
+    lp = backend(url, max_options=5).option_log_probs(images, "Which?", [str(c) for c in range(12)])
+    assert lp.shape == (12, 12) and np.allclose(np.exp(lp).sum(1), 1)
+    assert (lp.argmax(1) == y).mean() >= 0.9
+    assert len(script.requests) == 12 * 4  # three groups and a final round per image
 
 
-# ------------------------------------------------------------------ retries and the budget
-def test_a_429_storm_never_takes_the_calls_past_the_budget(fake, shots):
-    X, _ = shots
-    fake.storm = 1000
-    counter = ChatCounter(backend(fake, max_retries=100), budget=7)
-    with pytest.raises(QueryBudgetExceededError, match="retries included"):
-        counter.option_log_probs(to_pil_images(X[:2]), "What?", NAMES, purpose="prompt")
-    assert fake.requests == counter.n_queries == 7
+# -- the sklearn contract ---------------------------------------------------------------------------
 
-
-def test_retries_are_calls_and_honour_retry_after(fake, shots):
-    X, _ = shots
-    fake.errors_500 = 2
-    counter = ChatCounter(backend(fake), budget=None)
-    counter.option_log_probs(to_pil_images(X[:1]), "What?", NAMES, purpose="prompt")
-    assert fake.requests == counter.n_queries == 3 and counter.n_input_tokens > 85
-    fake.storm, fake.retry_after = 1, "1"
-    start = time.perf_counter()
-    counter.option_log_probs(to_pil_images(X[1:2]), "What?", NAMES, purpose="prompt")
-    assert time.perf_counter() - start >= 0.95 and counter.n_queries == 5
-
-
-def test_a_round_that_can_not_be_paid_is_refused_before_any_call(fake, shots):
-    X, _ = shots
-    counter = ChatCounter(backend(fake), budget=3)
-    with pytest.raises(QueryBudgetExceededError, match="no call was sent"):
-        counter.option_log_probs(to_pil_images(X[:4]), "What?", NAMES)
-    assert fake.requests == 0
-
-
-def test_a_fit_never_spends_past_its_budget(fake, shots):
-    X, y = shots
-    clf = CarrotClassifier(backend=backend(fake), **dict(FAST, query_budget=100, max_iter=None)).fit(X, y)
-    assert clf.door_ == "chat" and clf.n_calls_ == clf.n_queries_ == fake.requests <= 100
-    assert clf.n_input_tokens_ == fake.usage["prompt_tokens"] and clf.n_output_tokens_ == fake.requests
-
-
-# ------------------------------------------------------------------ the cache
-def test_the_cache_makes_a_second_fit_call_nothing(fake, shots, tmp_path):
-    X, y = shots
-    params = dict(FAST, prompt_tuning=True)
-    first = CarrotClassifier(backend=backend(fake, cache=tmp_path / "a.sqlite"), **params).fit(X, y)
-    sent = fake.requests
-    second = CarrotClassifier(backend=backend(fake, cache=tmp_path / "a.sqlite"), **params).fit(X, y)
-    assert sent > 0 and fake.requests == sent and second.n_calls_ == 0
-    np.testing.assert_array_equal(second.predict_proba(X), first.predict_proba(X))
-    # switched off, the same fit calls again
-    CarrotClassifier(backend=backend(fake, cache=False), **params).fit(X, y)
-    assert fake.requests > sent
-
-
-def test_the_cache_keeps_at_most_cache_size_answers(fake, shots, tmp_path):
-    X, _ = shots
-    chat = backend(fake, cache=tmp_path / "b.sqlite", cache_size=4, max_concurrency=1)  # asked in order
-    chat.option_log_probs(to_pil_images(X), "What?", NAMES)
-    assert len(chat._cache()) == 4 and fake.requests == len(X)
-    chat.option_log_probs(to_pil_images(X[-4:]), "What?", NAMES)  # the most recent four are kept
-    assert fake.requests == len(X)
-
-
-# ------------------------------------------------------------------ keys, pickles, errors
-def test_pickles_hold_no_key_and_work_after_unpickling(fake, shots, monkeypatch):
-    X, y = shots
-    fake.key = "sk-secret-123"
-    monkeypatch.setenv("FAKE_KEY", "sk-secret-123")
-    chat = backend(fake, api_key_env="FAKE_KEY")
-    clf = CarrotClassifier(backend=chat, **dict(FAST, prompt_tuning=False)).fit(X, y)
-    for obj in (chat, clf):
-        assert b"sk-secret-123" not in pickle.dumps(obj)
-    again = pickle.loads(pickle.dumps(clf))
-    np.testing.assert_allclose(again.predict_proba(X), clf.predict_proba(X))
-    assert "sk-secret" not in repr(chat)
-
-
-def test_a_wrong_key_names_the_variable(fake, shots, monkeypatch):
-    X, _ = shots
-    fake.key = "right"
-    monkeypatch.setenv("FAKE_KEY", "wrong")
-    with pytest.raises(RemoteAuthenticationError, match="FAKE_KEY"):
-        backend(fake, api_key_env="FAKE_KEY").option_log_probs(to_pil_images(X[:1]), "What?", NAMES)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(RemoteAuthenticationError, match="OPENAI_API_KEY is unset"):
-        ChatVLMBackend("gpt-4o", cache=None).option_log_probs(to_pil_images(X[:1]), "What?", NAMES)
-
-
-@pytest.mark.parametrize("refusal", ["no_logprobs", "forbidden"])
-def test_a_model_without_log_probabilities_is_named(fake, shots, refusal):
-    X, _ = shots
-    getattr(fake, refusal).add("o4-mini")
-    chat = ChatVLMBackend("o4-mini", base_url=fake.url, cache=None)
-    with pytest.raises(RemoteValidationError, match="model 'o4-mini' returns no log-probabilities.*gpt-4o"):
-        chat.option_log_probs(to_pil_images(X[:1]), "What?", NAMES)
-    assert fake.requests == 1  # not retried
-
-
-def test_an_unknown_model_lists_the_servers_models(fake, shots):
-    X, _ = shots
-    with pytest.raises(RemoteValidationError, match=r"unknown model 'gpt-9'.*\['fake-vlm'\]"):
-        ChatVLMBackend("gpt-9", base_url=fake.url, cache=None).option_log_probs(to_pil_images(X[:1]), "Q", NAMES)
-
-
-def test_fewer_alternatives_than_options_say_what_to_ask(shots):
-    names = [str(c) for c in range(8)]
-    with FakeChat(names) as fake:
-        fake.max_alternatives = 5
-        images = to_pil_images(images_for(np.arange(8), 8))
-        with pytest.raises(RemoteValidationError, match="returned 5 alternatives.*top_logprobs=5"):
-            backend(fake).option_log_probs(images, "What?", names)
-        logp = backend(fake, top_logprobs=5).option_log_probs(images, "What?", names)
-    assert (logp.argmax(1) == np.arange(8)).mean() >= 0.75
-
-
-def test_an_answer_with_no_option_says_so(fake, shots):
-    X, _ = shots
-    fake.chatty = True
-    with pytest.raises(RemoteProtocolError, match="names an option"):
-        backend(fake, top_logprobs=3).option_log_probs(to_pil_images(X[:1]), "What?", NAMES)
-
-
-def test_an_image_over_the_size_limit_is_refused_before_sending(fake, shots):
-    X, _ = shots
-    with pytest.raises(RemoteValidationError, match="max_image_bytes=50"):
-        backend(fake, max_image_bytes=50).option_log_probs(to_pil_images(X[:1]), "What?", NAMES)
-    with pytest.raises(RemoteValidationError, match="max_image_pixels=10"):
-        backend(fake, max_image_pixels=10).option_log_probs(to_pil_images(X[:1]), "What?", NAMES)
-    assert fake.requests == 0
-
-
-def test_a_slow_server_times_out_after_the_retries(fake, shots):
-    X, _ = shots
-    fake.delay = 1.0
-    with pytest.raises(RemoteUnavailableError, match="no answer after 2 tries"):
-        backend(fake, timeout=0.2, max_retries=1).option_log_probs(to_pil_images(X[:1]), "What?", NAMES)
-
-
-# ------------------------------------------------------------------ the door and its search
-def test_auto_picks_the_chat_door_and_the_search_offers_the_protocol(fake):
-    assert pick_door(backend(fake)) is ChatDoor
-    search = InstructionSearch(NAMES, random_state=0)
-    assert isinstance(search, PromptSearch) and search.can_move()
-    with pytest.raises(TypeError, match="does not offer the chat door"):
-        pick_door(object(), "chat")
-
-
-def test_screening_spends_what_start_cost_says(fake, shots):
-    X, y = shots
-    door = ChatDoor(backend(fake), NAMES)
-    search = InstructionSearch(NAMES, random_state=0)
-    planned = door.start_cost(search, len(y))
-    assert planned == screening_cost(len(search.pool()), len(y), 3, 1) > 0
-    door.start(search, to_pil_images(X), y)
-    assert door.counter.n_queries == planned == fake.requests
-    assert search.screened_ and door.start_cost(search, len(y)) == 0
-    assert planned < len(search.pool()) * len(y)  # halving paid for less than every candidate on every shot
-
-
-def test_the_search_finds_the_sharper_instruction(fake, shots):
-    X, y = shots
-    clf = CarrotClassifier(backend=backend(fake), **dict(FAST, prompt_tuning=True, refinement=False,
-                                                         query_budget=250, max_iter=None)).fit(X, y)
-    assert "Classify" in clf.instruction_ and len(clf.descriptions_) == 3
-    assert clf.n_queries_by_purpose_["screen"] > 0
-
-
-def test_estimate_cost_is_within_ten_percent_of_the_usage(fake, shots):
-    X, y = shots
-    clf = CarrotClassifier(backend=backend(fake), **dict(FAST, prompt_tuning=True))
-    estimate = clf.estimate_cost(X, y, prices={"fake-vlm": (2.5, 10.0)})
-    assert fake.requests == 0  # a dry run
-    clf.fit(X, y)
-    assert estimate["calls"] == clf.n_calls_
-    assert abs(estimate["input_tokens"] - clf.n_input_tokens_) <= 0.1 * clf.n_input_tokens_
-    assert estimate["output_tokens"] == clf.n_output_tokens_
-    assert estimate["usd"] == pytest.approx((estimate["input_tokens"] * 2.5 + estimate["output_tokens"] * 10) / 1e6)
-
-
-def test_option_position_bias_is_measured_and_batch_calibration_removes_it(shots):
-    y = np.repeat(np.arange(3), 8)
-    images = to_pil_images(images_for(y, 3, seed=3))
-    with FakeChat(NAMES, position_bias=4.0, sharpness=1.0) as fake:
-        logp = backend(fake).option_log_probs(images, "What?", NAMES)
-    biased = np.bincount(logp.argmax(1), minlength=3)
-    calibrated = np.bincount(batch_calibrate(logp).argmax(1), minlength=3)
-    assert biased[0] > 8 and (batch_calibrate(logp).argmax(1) == y).mean() > (logp.argmax(1) == y).mean()
-    assert calibrated.max() - calibrated.min() < biased.max() - biased.min()
-
-
-# ------------------------------------------------------------------ the sklearn contract
-def as_images(A):
-    return np.asarray(A, dtype=np.uint8).reshape(-1, 8, 8, 3)
+def test_the_chat_door_is_picked_and_learns_the_shots(fake):
+    url, _ = fake
+    X, y = shots(3)
+    clf = quick(backend(url)).fit(X, y)
+    X_test, y_test = shots(5, seed=1)
+    assert clf.door_ == "chat" and clf.score(X_test, y_test) >= 0.9
+    assert clf.n_calls_ == clf.n_queries_ == len(y) and clf.n_input_tokens_ == 120 * len(y)
+    assert clf.n_output_tokens_ == len(y)
+    proba = clf.predict_proba(X_test)
+    assert proba.shape == (len(y_test), 4) and np.allclose(proba.sum(1), 1)
 
 
 def test_pipeline_grid_search_cross_validation_and_joblib(fake, tmp_path):
-    y = np.repeat(np.arange(3), 4)
-    X = images_for(y, 3, seed=4).reshape(len(y), -1)
-    to_images = FunctionTransformer(as_images)
-    pipe = make_pipeline(to_images, CarrotClassifier(backend=backend(fake, cache=tmp_path / "c.sqlite"),
-                                                     **dict(FAST, prompt_tuning=False)))
-    scores = cross_val_score(pipe, X, y, cv=2)
-    assert scores.shape == (2,) and np.all((scores >= 0) & (scores <= 1))
-    grid = GridSearchCV(pipe, {"carrotclassifier__consistency_weight": [0.0, 0.1]}, cv=2).fit(X, y)
-    assert np.isfinite(grid.cv_results_["mean_test_score"]).all()
-    joblib.dump(grid.best_estimator_, tmp_path / "m.joblib")
-    np.testing.assert_array_equal(joblib.load(tmp_path / "m.joblib").predict(X), grid.best_estimator_.predict(X))
+    url, _ = fake
+    X, y = shots(4)
+    pipe = make_pipeline(FunctionTransformer(lambda images: images), quick(backend(url)))
+    assert np.mean(cross_val_score(pipe, X, y, cv=2)) >= 0.75
+    grid = GridSearchCV(quick(backend(url)), {"consistency_weight": [0.0, 1.0]}, cv=2).fit(X, y)
+    assert set(grid.cv_results_["param_consistency_weight"]) == {0.0, 1.0} and grid.best_score_ >= 0.75
+    clf = quick(backend(url)).fit(X, y)
+    joblib.dump(clf, tmp_path / "clf.joblib")
+    loaded = joblib.load(tmp_path / "clf.joblib")
+    assert np.array_equal(loaded.predict_proba(X), clf.predict_proba(X))
 
 
-def test_an_interrupted_fit_resumes_and_pays_nothing_twice(shots, tmp_path):
-    X, y = shots
-    params = dict(FAST, prompt_tuning=True, max_iter=4)
-    with FakeChat(NAMES) as fake:
-        # the cache answers the questions a fit repeats (the current prompt, each generation): those are paid once
-        reference = CarrotClassifier(backend=backend(fake, cache=tmp_path / "ref.sqlite"), **params).fit(X, y)
-        needed = fake.answered
-    with FakeChat(NAMES) as fake:
-        chat = backend(fake, cache=tmp_path / "d.sqlite", max_retries=0)
-        clf = CarrotClassifier(backend=chat, checkpoint=tmp_path / "fit.ckpt", checkpoint_every=1, **params)
-        original = fake.completion
-
-        def failing(body):  # the server goes away halfway through the fit
-            if fake.answered >= needed // 2:
-                raise ConnectionResetError("the server went away")
-            return original(body)
-
-        fake.completion = failing
-        with pytest.raises(RemoteUnavailableError):
-            clf.fit(X, y)
-        assert 0 < fake.answered < needed
-        fake.completion = original
-        clf.fit(X, y)
-        assert fake.answered == needed  # every question answered once, over both calls to fit
-    np.testing.assert_allclose(clf.predict_proba(X), reference.predict_proba(X))
+def test_pickles_hold_no_key_and_no_client(fake):
+    url, _ = fake
+    X, y = shots(2)
+    clf = quick(backend(url)).fit(X, y)
+    data = pickle.dumps(clf)
+    assert KEY.encode() not in data
+    copy = pickle.loads(data)
+    assert copy.backend._client is None and copy.backend.n_calls_ == 0
+    assert KEY not in repr(clf.backend)
 
 
-# ------------------------------------------------------------------ learning
-def test_the_default_fit_learns_held_out_images():
-    y = np.repeat(np.arange(3), 6)
-    X = images_for(y, 3, seed=5)
-    yte = np.repeat(np.arange(3), 10)
-    Xte = images_for(yte, 3, seed=6)
-    with FakeChat(NAMES, position_bias=2.5, sharpness=1.5) as fake:
-        zero = CarrotClassifier(backend=backend(fake), prompt_tuning=False, refinement=False).fit(X, y)
-        clf = CarrotClassifier(backend=backend(fake), query_budget=600, n_views=2, random_state=0).fit(X, y)
-        assert clf.score(Xte, yte) >= zero.score(Xte, yte) and clf.score(Xte, yte) > 0.8
-        if clf.selection_["choice"] != "carrot":  # the search did not pay: at most a quarter of the budget
-            assert clf.n_calls_ <= 0.25 * 600
+# -- what it costs ------------------------------------------------------------------------------------
+
+def test_a_second_fit_on_the_same_shots_makes_no_call(fake, tmp_path):
+    url, script = fake
+    X, y = shots(3)
+    quick(backend(url, cache=str(tmp_path / "answers.sqlite"))).fit(X, y)
+    sent = len(script.requests)
+    clf = quick(backend(url, cache=str(tmp_path / "answers.sqlite"))).fit(X, y)
+    assert sent == len(y) and len(script.requests) == sent
+    assert clf.n_calls_ == 0 and clf.backend.n_cached_ == len(y)
 
 
-def test_a_warm_start_keeps_its_screening_and_pays_for_no_answer_twice(fake, shots, tmp_path):
-    X, y = shots
-    chat = backend(fake, cache=tmp_path / "w.sqlite")
-    clf = CarrotClassifier(backend=chat, **dict(FAST, prompt_tuning=True, max_iter=2)).fit(X, y)
-    assert clf.n_queries_by_purpose_["screen"] > 0
-    before = fake.requests
-    clf.set_params(warm_start=True).fit(X, y)
-    assert clf.n_queries_by_purpose_["screen"] == 0  # the screening's result came with the warm start
-    # two generations would ask popsize prompts and a refiner epoch of all shots: the cache answers
-    # what was asked before (the current prompt, at least), so fewer calls go out
-    planned = 2 * (FAST["popsize"] * len(y) + len(y))
-    assert fake.requests - before == clf.n_calls_ < planned
+def test_without_the_cache_every_fit_pays(fake):
+    url, script = fake
+    X, y = shots(2)
+    quick(backend(url, cache=None)).fit(X, y)
+    quick(backend(url, cache=False)).fit(X, y)
+    assert len(script.requests) == 2 * len(y)
+
+
+def test_the_cache_keeps_at_most_its_size(tmp_path):
+    cache = AnswerCache(str(tmp_path / "c.sqlite"), max_entries=3)
+    for i in range(5):
+        cache.put(f"k{i}", [["A", -float(i)]])
+    cache.get("k2")  # used: kept over k3
+    cache.put("k5", [])
+    assert len(cache) == 3 and cache.get("k2") is not None and cache.get("k3") is None
+
+
+def test_the_budget_is_never_exceeded_under_a_429_storm(fake):
+    url, script = fake
+    script.storm, script.retry_after = 40, "0"
+    X, y = shots(3)
+    with pytest.raises(QueryBudgetExceededError):
+        quick(backend(url, max_retries=100), query_budget=30).fit(X, y)
+    assert len(script.requests) <= 30  # retries are calls, and calls stop at the budget
+
+
+def test_retries_after_429_and_5xx_are_counted_calls(fake):
+    url, script = fake
+    script.storm, script.errors_5xx = 3, 2
+    X, y = shots(2)
+    clf = quick(backend(url, max_retries=6)).fit(X, y)
+    assert len(script.requests) == len(y) + 5 and clf.n_calls_ == len(y) + 5 == clf.n_queries_
+
+
+def test_retry_after_is_waited_for(fake, monkeypatch):
+    url, script = fake
+    script.storm, script.retry_after = 1, "3"
+    waits = []
+    monkeypatch.setattr("skcarrot.backends.remote.chat.time.sleep", waits.append)
+    b = backend(url, max_concurrency=1)
+    b.option_log_probs(shots(1, classes=2)[0][:1], "Which?", ["0", "1"])
+    assert waits == [3.0] and b.n_calls_ == 2
+
+
+def test_a_server_that_keeps_failing_is_unavailable_after_the_retries(fake, monkeypatch):
+    url, script = fake
+    script.errors_5xx = 100
+    monkeypatch.setattr("skcarrot.backends.remote.chat.time.sleep", lambda s: None)
+    b = backend(url, max_retries=2, max_concurrency=1)
+    with pytest.raises(RemoteUnavailableError, match="3 tries"):
+        b.option_log_probs(shots(1, classes=2)[0][:1], "Which?", ["0", "1"])
+    assert b.n_calls_ == 3
+
+
+def test_an_interrupted_fit_resumes_without_paying_again(fake, tmp_path, monkeypatch):
+    url, script = fake
+    monkeypatch.setattr("skcarrot.backends.remote.chat.time.sleep", lambda s: None)
+    X, y = shots(3)
+    cache = str(tmp_path / "answers.sqlite")
+    reference = quick(backend(url), n_views=2).fit(X, y)
+    paid = len(script.requests)
+    script.requests.clear()
+    script.errors_5xx = 1000  # the fit dies part-way, after some answers were cached
+    first = backend(url, cache=cache, max_retries=0, max_concurrency=1)
+    original_call = first._call
+    calls = {"n": 0}
+
+    def flaky(body, allowance):
+        calls["n"] += 1
+        if calls["n"] <= paid // 2:
+            script.errors_5xx = 0
+        else:
+            script.errors_5xx = 1000
+        return original_call(body, allowance)
+
+    monkeypatch.setattr(first, "_call", flaky)
+    with pytest.raises(RemoteUnavailableError):
+        quick(first, n_views=2, checkpoint=str(tmp_path / "fit.ckpt")).fit(X, y)
+    script.errors_5xx = 0
+    answered_before = script.answered
+    resumed = quick(backend(url, cache=cache), n_views=2, checkpoint=str(tmp_path / "fit.ckpt")).fit(X, y)
+    assert script.answered - answered_before + paid // 2 == paid  # each answer paid once in all
+    assert np.array_equal(resumed.predict_proba(X), reference.predict_proba(X))
+
+
+# -- bad answers and bad input -----------------------------------------------------------------------
+
+def test_a_model_without_logprobs_says_what_to_use(fake):
+    url, script = fake
+    script.no_logprobs = True
+    with pytest.raises(LogprobsUnavailableError, match="use a model that returns them"):
+        quick(backend(url)).fit(*shots(1))
+
+
+def test_fewer_alternatives_than_asked_says_what_to_set(fake):
+    url, script = fake
+    script.alternatives = 3
+    images, _ = shots(1, classes=6)
+    with pytest.raises(RemoteProtocolError, match=r"returned 3 alternatives.*top_logprobs=3"):
+        backend(url).option_log_probs(images, "Which?", [str(c) for c in range(6)])
+    lp = backend(url, top_logprobs=3).option_log_probs(images, "Which?", [str(c) for c in range(6)])
+    assert lp.shape == (6, 6)
+
+
+def test_the_sentinel_from_the_server_gets_the_floor(fake):
+    url, script = fake
+    script.sentinel = True
+    lp = backend(url).option_log_probs(shots(1)[0], "Which?", NAMES)
+    assert np.isfinite(lp).all() and np.allclose(np.exp(lp).sum(1), 1)
+
+
+def test_a_model_that_answers_no_option_is_refused(fake):
+    url, script = fake
+    script.no_option = True
+    with pytest.raises(RemoteProtocolError, match="none of 4 calls"):
+        backend(url).option_log_probs(shots(1)[0], "Which?", NAMES)
+
+
+def test_a_wrong_or_missing_key_names_the_variable(fake, monkeypatch):
+    url, _ = fake
+    monkeypatch.setenv(KEY_ENV, "sk-wrong")
+    with pytest.raises(RemoteAuthenticationError, match=KEY_ENV):
+        backend(url).option_log_probs(shots(1)[0], "Which?", NAMES)
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(RemoteAuthenticationError, match=f"set the environment variable {KEY_ENV}"):
+        backend(url).option_log_probs(shots(1)[0], "Which?", NAMES)
+
+
+def test_an_unknown_model_lists_the_models_served(fake):
+    url, _ = fake
+    with pytest.raises(RemoteValidationError, match=f"'gpt-9' is unknown.*it serves: {MODEL}"):
+        backend(url, model="gpt-9").option_log_probs(shots(1)[0], "Which?", NAMES)
+
+
+def test_an_image_over_the_size_is_refused_before_any_call(fake):
+    url, script = fake
+    with pytest.raises(ValueError, match="max_image_bytes"):
+        backend(url, max_image_bytes=50).option_log_probs(shots(1)[0], "Which?", NAMES)
+    assert script.requests == []
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(top_logprobs=21), "top_logprobs"), (dict(detail="huge"), "detail"), (dict(max_options=1), "max_options"),
+    (dict(max_concurrency=0), "max_concurrency"), (dict(max_retries=-1), "max_retries"),
+])
+def test_bad_parameters_are_refused(params, match):
+    with pytest.raises(ValueError, match=match):
+        ChatVLMBackend(cache=None, **params)

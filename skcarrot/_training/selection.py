@@ -225,9 +225,12 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
         )
 
     # Stage 2: a cross-fitted pilot of the full method within a quarter of the budget.
-    # A door that bills each image (the chat door) takes the first stage's spending out of the same quarter.
-    pilot_budget = (door.pilot_budget(settings.query_budget, len(y)) if hasattr(door, "pilot_budget")
-                    else int(PILOT_FRACTION * settings.query_budget) // 2)
+    # A door whose first stage is costly (the chat door pays a call per view) counts it in the quarter:
+    # where the search does not pay, the default then spends at most a quarter of the budget in all.
+    share = int(PILOT_FRACTION * settings.query_budget)
+    if door.pilot_share_includes_start:
+        share = max(share - door.counter.n_queries, 0)
+    pilot_budget = share // 2
     halves = stratified_folds(y, 2, np.random.RandomState(seed + _HALVES_SEED))
     pilot = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False, query_budget=pilot_budget)
     before = door.counter.n_queries

@@ -110,7 +110,7 @@ def build_run(
 
     n_validation = 0 if early_stopping is None else len(early_stopping.y)
     plan = dict(refinement=settings.refinement, popsize=settings.popsize, fresh_views=settings.fresh_views,
-                validation=early_stopping is not None, screening=door.start_cost(search, len(images)),
+                validation=early_stopping is not None, screening=door.start_cost(search, y),
                 costs=QueryCosts.of(door, len(images), len(images) * settings.n_views, n_validation))
     # A budget that can not buy the start and one generation fails before the start spends a query.
     check_budget(settings.query_budget, prompt_tuning=search is not None, **plan)

@@ -12,7 +12,7 @@ counts every query scored through either interface and enforces the query budget
 tiny deterministic stand-in for tests and examples. :class:`HTTPBackend`
 reaches a model served by ``skcarrot serve`` over HTTP (both interfaces);
 :class:`ZeroShotHTTPBackend` any zero-shot-image-classification endpoint (the
-text interface); :class:`ChatVLMBackend` any OpenAI-compatible chat model that returns
+text interface); :class:`ChatVLMBackend` any OpenAI-compatible chat API that returns
 log-probabilities (the chat door). :func:`~skcarrot.backends.models.open_model` turns a model name into a model.
 """
 

@@ -385,8 +385,8 @@ class QueryCounter:
     """
 
     def __init__(self, backend: Any, budget: int | None = None) -> None:
-        if getattr(backend, "text_scores", None) is None:
-            check_backend(backend)  # no text interface: the embedding interface must be there
+        if getattr(backend, "text_scores", None) is None and getattr(backend, "option_log_probs", None) is None:
+            check_backend(backend)  # no text or chat interface: the embedding interface must be there
         self.backend = backend
         self.budget = budget
         self.n_queries = 0
@@ -444,11 +444,17 @@ class QueryCounter:
         try:
             return call()
         finally:
-            self.n_queries += n_queries
-            self.n_images_scored += n_images
-            self.n_pairs_scored += n_queries * n_images
-            self.by_purpose[purpose] = self.by_purpose.get(purpose, 0) + n_queries
-            self.images_by_purpose[purpose] = self.images_by_purpose.get(purpose, 0) + n_images
+            self.charge(n_queries, n_images, purpose)
+
+    def charge(self, n_queries: int, n_images: int, purpose: str = "other") -> None:
+        """Count ``n_queries`` spent on ``n_images`` images: for a door whose black box says what a call cost
+        only after it (retries of a chat API), which checks :attr:`remaining` before the call itself.
+        """
+        self.n_queries += n_queries
+        self.n_images_scored += n_images
+        self.n_pairs_scored += n_queries * n_images
+        self.by_purpose[purpose] = self.by_purpose.get(purpose, 0) + n_queries
+        self.images_by_purpose[purpose] = self.images_by_purpose.get(purpose, 0) + n_images
 
     def logits(
         self,

@@ -10,9 +10,8 @@ branch on the door: it asks :func:`pick_door` for one and delegates.
   word embeddings, searched by CMA-ES (the paper's door).
 - ``"text"`` (:class:`TextDoor`): prompt strings, one per class, searched word
   by word (what hosted endpoints offer).
-- ``"chat"`` (:class:`ChatDoor`): a multiple-choice question per image to a chat
-  model that returns log-probabilities, its instruction and class descriptions
-  searched by successive halving then a local search.
+- ``"chat"`` (:class:`ChatDoor`): an instruction and one option text per class,
+  scored by a chat model's letter log-probabilities (what chat APIs offer).
 
 A new door is one module with a :class:`Door` subclass and a call to
 :func:`register_door`.
@@ -20,11 +19,11 @@ A new door is one module with a :class:`Door` subclass and a call to
 
 from ._base import Door, door_named, fitted_attribute_names, pick_door, register_door
 from .embedding import EmbeddingDoor
-from .text import TextDoor
 from .chat import ChatDoor
+from .text import TextDoor
 
 register_door(EmbeddingDoor)
 register_door(TextDoor)
 register_door(ChatDoor)
 
-__all__ = ["ChatDoor", "Door", "EmbeddingDoor", "TextDoor", "door_named", "fitted_attribute_names", "pick_door", "register_door"]
+__all__ = ["Door", "ChatDoor", "EmbeddingDoor", "TextDoor", "door_named", "fitted_attribute_names", "pick_door", "register_door"]

@@ -41,6 +41,10 @@ class Door:
         What ``early_stopping="auto"`` means here.
     fitted_attributes : tuple of str
         The estimator attributes :meth:`fitted` writes (the other doors' are set to None).
+    pilot_share_includes_start : bool
+        Whether ``prompt_tuning="auto"``'s pilot of the prompt search gets a quarter of the
+        budget less what its first stage spent (True where that stage is costly: the chat door
+        pays a call per view), so a fit where the search does not pay spends at most a quarter.
     counter : QueryCounter
         The backend behind the fit's budget: every query of the fit goes through it.
     """
@@ -51,6 +55,7 @@ class Door:
     default_popsize: ClassVar[int]
     early_stopping_default: ClassVar[bool]
     fitted_attributes: ClassVar[tuple[str, ...]] = ()
+    pilot_share_includes_start: ClassVar[bool] = False
 
     def __init__(self, backend: Any, class_names, budget: int | None = None) -> None:
         self.check(backend)
@@ -105,8 +110,8 @@ class Door:
         """
         raise NotImplementedError
 
-    def start_cost(self, search: Any, n_images: int = 0) -> int:
-        """Queries :meth:`start` spends on ``n_images`` training shots before the first generation."""
+    def start_cost(self, search: Any, y: np.ndarray | None = None) -> int:
+        """Queries :meth:`start` spends before the first generation, on the shots of labels ``y``."""
         return 0
 
     def start(self, search: Any, images, y: np.ndarray) -> None:

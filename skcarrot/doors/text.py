@@ -97,7 +97,7 @@ class TextDoor(Door):
             search.warm_start(known["logits"])
         return search
 
-    def start_cost(self, search: Any, n_images: int = 0) -> int:
+    def start_cost(self, search: Any, y: np.ndarray | None = None) -> int:
         return search.n_screening_queries() if search is not None and not search.screened_ else 0
 
     def start(self, search: Any, images, y: np.ndarray) -> None:

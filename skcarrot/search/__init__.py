@@ -8,13 +8,10 @@ restore its ``state``. The training loop drives any of them the same way.
   offset being ``A z`` through a fixed random projection.
 - :class:`TextPromptSearch` (text door): a policy gradient over each class's
   wording, after screening candidate words.
-- :class:`InstructionSearch` (chat door): successive halving over instruction
-  wordings and class descriptions, then a local search.
 """
 
 from ._base import PromptSearch
 from .cmaes import CMAESPromptSearch, projection_matrix
-from .instructions import InstructionSearch
 from .words import TextPromptSearch, tokenizer_words
 
-__all__ = ["InstructionSearch", "PromptSearch", "CMAESPromptSearch", "TextPromptSearch", "projection_matrix", "tokenizer_words"]
+__all__ = ["PromptSearch", "CMAESPromptSearch", "TextPromptSearch", "projection_matrix", "tokenizer_words"]

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .chat.engine import CHAT_OFF, LazyChatEngine
 from .config import Settings, settings_from_env
 from .db import UNAVAILABLE, Database
 from .deps import KeySlots, Server
@@ -21,7 +22,7 @@ from .ledger import Ledger
 from .limits import BodyLimitMiddleware, HeaderLimitMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .openapi import openapi_schema
-from .routers import account, images, ops, scoring, zero_shot
+from .routers import account, chat, images, ops, scoring, zero_shot
 from .scorer import Scorer
 from .validation import open_image
 
@@ -75,6 +76,11 @@ one query per call. Send the key as `Authorization: Bearer <key>`, and an `Idemp
 every charged request: a retry is answered from the ledger and charged once. Name the answers you
 received in the `Idempotency-Ack` header of a later request, so the server can drop them.
 """
+
+
+def _speaks_openai(request: Request) -> bool:
+    """Whether the route answers in OpenAI's error shape (the chat routes)."""
+    return request.url.path in ("/v1/chat/completions", "/v1/models")
 
 
 def _clean_errors(errors: list) -> list:
@@ -137,6 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         # Load the weights before the first request, not during it.
         await run_in_threadpool(lambda: server.scorer.context_shape)
+        if app.state.chat_engine is not None:
+            await run_in_threadpool(app.state.chat_engine.load)
         logger.info("serving %s, ledger %s", server.scorer.model_id, db.engine.url.render_as_string())
         yield
         server.ledger.answers.close()  # answers not acknowledged yet are written down
@@ -152,11 +160,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if _speaks_openai(request) and not isinstance(exc, chat.ChatError):
+            exc = chat.openai_error(exc.status_code, exc.body(), exc.headers)
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _clean_errors(exc.errors())}, status_code=422)
+        errors = _clean_errors(exc.errors())
+        if _speaks_openai(request):
+            refusal = chat.openai_error(422, {"detail": errors})
+            return JSONResponse(refusal.body(), status_code=refusal.status_code)
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -185,7 +199,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
-    for router in (images.router, scoring.router, zero_shot.router, account.router, ops.router):
+    app.state.chat_engine = None if s.chat_weights == CHAT_OFF else LazyChatEngine(s.chat_weights)
+    for router in (images.router, scoring.router, zero_shot.router, chat.router, account.router, ops.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=s.max_body_bytes)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=s.max_header_bytes)

@@ -32,6 +32,7 @@ _WORKER_ENV = {
     "pretrained": "SKCARROT_PRETRAINED",
     "template": "SKCARROT_TEMPLATE",
     "device": "SKCARROT_DEVICE",
+    "chat_weights": "SKCARROT_CHAT_WEIGHTS",
 }
 
 
@@ -76,6 +77,11 @@ class Settings:
         A ready black box to serve instead of ``model_name`` (tests, custom
         models). An :class:`~skcarrot.backends.OpenCLIPBackend` also serves the
         text-level endpoints.
+    chat_weights : str or None, default=None
+        The chat model served at ``/v1/chat/completions``: None for the
+        embedded micro chat model's shipped weights, a safetensors file the
+        recipe wrote, ``"random"`` (random weights, with a warning) or ``"off"``
+        (no chat endpoint).
     max_body_bytes : int, default=32 MiB
         Largest request body accepted (413 above).
     max_header_bytes : int, default=16 KiB
@@ -140,6 +146,7 @@ class Settings:
     template: str = DEFAULT_TEMPLATE
     device: str = "auto"
     backend: Any = None
+    chat_weights: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     max_images_per_request: int = 4096
@@ -190,6 +197,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         pretrained=env.get("SKCARROT_PRETRAINED") or None,
         template=env.get("SKCARROT_TEMPLATE", DEFAULT_TEMPLATE),
         device=env.get("SKCARROT_DEVICE", "auto"),
+        chat_weights=env.get("SKCARROT_CHAT_WEIGHTS") or None,
     )
     for name in LIMIT_FIELDS:
         value = env.get(f"SKCARROT_{name.upper()}")

@@ -2,7 +2,8 @@
 
 - :class:`HTTPBackend`: a model served by ``skcarrot serve`` (both doors).
 - :class:`ZeroShotHTTPBackend`: any zero-shot-image-classification endpoint (the text door).
-- :class:`ChatVLMBackend`: any OpenAI-compatible chat endpoint that returns log-probabilities (the chat door).
+- :class:`ChatVLMBackend`: any OpenAI-compatible chat API that returns log-probabilities
+  (the chat door), on the official ``openai`` client.
 """
 
 from .chat import ChatVLMBackend

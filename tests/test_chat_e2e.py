@@ -1,0 +1,75 @@
+"""The chat door end to end: ChatVLMBackend and the openai client against skcarrot serve's micro chat model."""
+
+import numpy as np
+import pytest
+
+from servekit import thread_server
+from skcarrot import CarrotClassifier, ChatVLMBackend
+from skcarrot.datasets import few_shot_split, load_digit_images
+from skcarrot.serve import Settings, create_app
+from skcarrot.serve.chat.model import chat_text
+
+KEY_ENV = "SKCARROT_TEST_CHAT_E2E_KEY"
+NAMES = [str(d) for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    app = create_app(Settings(db_url=f"sqlite:///{tmp_path_factory.mktemp('e2e')}/ledger.db"))
+    key_id, key = app.state.server.ledger.create_key("e2e", budget=100_000)
+    with thread_server(app) as base, pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, key)
+        yield app, f"{base}/v1", key_id
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digit_images()
+    Xtr, ytr, Xte, yte = few_shot_split(X, y, 16, seed=3)
+    return Xtr, ytr, Xte[:250], yte[:250]
+
+
+def chat_backend(url, **kw):
+    return ChatVLMBackend(base_url=url, api_key_env=KEY_ENV, **{"cache": None, **kw})
+
+
+def spent(app, key_id):
+    return app.state.server.ledger.usage(key_id).prompts_used
+
+
+@pytest.mark.slow
+def test_refine_only_beats_zero_shot_on_held_out_digits_and_the_ledger_agrees(served, digits):
+    app, url, key_id = served
+    Xtr, ytr, Xte, yte = digits
+    zero = CarrotClassifier(backend=chat_backend(url), class_names=NAMES, prompt_tuning=False, refinement=False,
+                            random_state=0).fit(Xtr, ytr)
+    refine = CarrotClassifier(backend=chat_backend(url), class_names=NAMES, prompt_tuning=False,
+                              early_stopping=False, random_state=0)
+    estimate = refine.estimate_cost(Xtr, ytr)
+    before = spent(app, key_id)
+    refine.fit(Xtr, ytr)
+    # the ledger charged what the client counted: one query a call
+    assert spent(app, key_id) - before == refine.n_calls_ == refine.n_queries_ == len(ytr) * refine.n_views
+    # usage adds up: every call carried the same text and one 85-token image
+    engine = app.state.chat_engine
+    text = refine.backend.user_text(refine.prompt_[0], refine.prompt_[1])
+    per_call = engine.count(chat_text([("user", text)])) + 85
+    assert refine.n_input_tokens_ == per_call * refine.n_calls_ and refine.n_output_tokens_ == refine.n_calls_
+    # the estimate, before any call, within 10% of the usage
+    assert estimate["calls"] == refine.n_calls_
+    assert abs(estimate["input_tokens"] - refine.n_input_tokens_) <= 0.1 * refine.n_input_tokens_
+    assert refine.score(Xte, yte) >= zero.score(Xte, yte) + 0.03
+
+
+def test_a_second_fit_with_the_cache_on_makes_no_call(served, digits, tmp_path):
+    app, url, key_id = served
+    Xtr, ytr, _, _ = digits
+    keep = ytr < 3
+    params = dict(class_names=NAMES[:3], prompt_tuning=False, n_views=2, max_iter=5, random_state=0)
+    first = CarrotClassifier(backend=chat_backend(url, cache=str(tmp_path / "a.sqlite")), **params)
+    first.fit(Xtr[keep], ytr[keep])
+    before = spent(app, key_id)
+    second = CarrotClassifier(backend=chat_backend(url, cache=str(tmp_path / "a.sqlite")), **params)
+    second.fit(Xtr[keep], ytr[keep])
+    assert first.n_calls_ == 2 * keep.sum() and second.n_calls_ == 0 and spent(app, key_id) == before
+    assert np.array_equal(first.predict_proba(Xtr[keep]), second.predict_proba(Xtr[keep]))
