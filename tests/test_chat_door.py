@@ -12,8 +12,10 @@ from sklearn.preprocessing import FunctionTransformer
 from chatkit import KEY, MODEL, Script, brightness_images, fake_chat_server
 from skcarrot import CarrotClassifier, ChatVLMBackend
 from skcarrot.backends.remote.chat import (
+    DEFAULT_INSTRUCTION,
     AnswerCache,
     LogprobsUnavailableError,
+    batch_calibrate,
     combine_groups,
     normalise_token,
     option_log_probs,
@@ -25,6 +27,7 @@ from skcarrot.exceptions import (
     RemoteUnavailableError,
     RemoteValidationError,
 )
+from skcarrot.images import to_pil_images
 
 KEY_ENV = "SKCARROT_TEST_CHAT_KEY"
 NAMES = [str(c) for c in range(4)]
@@ -61,6 +64,29 @@ def test_tokens_are_options_by_their_normalised_text():
     assert {normalise_token(t) for t in ["B", " B", "b", "B.", "(B)", "b\u00a0"]} == {"b"}
     lp, ok = option_log_probs([("B", np.log(0.5)), (" b", np.log(0.3)), ("A", np.log(0.1))], ["A", "B"])
     assert ok and np.allclose(np.exp(lp), [0.1 / 0.9, 0.8 / 0.9])
+
+
+def test_raw_tokenizer_pieces_are_options_too():
+    # CLIP's BPE ("b</w>"), GPT-2's byte-level BPE ("\u0120B"), SentencePiece ("\u2581b")
+    assert {normalise_token(t) for t in ["b</w>", "\u0120B", "\u2581b", "B</w>."]} == {"b"}
+    lp, ok = option_log_probs([("b</w>", np.log(0.5)), ("a</w>", np.log(0.3))], ["A", "B"])
+    assert ok and np.allclose(np.exp(lp), [0.3 / 0.8, 0.5 / 0.8])
+
+
+def test_option_position_bias_is_measured_and_batch_calibration_removes_it(fake):
+    url, _ = fake
+    X, y = shots(n=4)
+    logp = backend(url).option_log_probs(to_pil_images(X), DEFAULT_INSTRUCTION, NAMES)
+
+    def wrong_mass(scores):
+        """Mean probability each option position gets on images that are not its class."""
+        p = np.exp(scores)
+        return np.array([p[y != j, j].mean() for j in range(len(NAMES))])
+
+    raw, calibrated = wrong_mass(logp), wrong_mass(batch_calibrate(logp))
+    assert raw[0] > 1.5 * raw[-1]  # the double prefers early letters when it is wrong, as chat models do
+    assert np.ptp(calibrated) < 0.5 * np.ptp(raw)
+    assert (batch_calibrate(logp).argmax(1) == y).mean() >= (logp.argmax(1) == y).mean()
 
 
 def test_a_missing_option_gets_the_mass_left_never_more_than_the_least_alternative():

@@ -55,8 +55,8 @@ from ...exceptions import (
 )
 from ...wire import hash_pixels, image_tokens
 
-__all__ = ["ChatVLMBackend", "AnswerCache", "DEFAULT_INSTRUCTION", "normalise_token", "option_log_probs",
-           "combine_groups", "LogprobsUnavailableError", "default_cache_path"]
+__all__ = ["ChatVLMBackend", "AnswerCache", "DEFAULT_INSTRUCTION", "batch_calibrate", "normalise_token",
+           "option_log_probs", "combine_groups", "LogprobsUnavailableError", "default_cache_path"]
 
 logger = logging.getLogger("skcarrot")
 
@@ -66,6 +66,8 @@ DEFAULT_INSTRUCTION = "Which option describes the image? Answer with the letter.
 SENTINEL = -9999.0
 _LETTERS = string.ascii_uppercase
 _PUNCTUATION = str.maketrans("", "", string.punctuation + "\u00a0")
+# Word-boundary marks of raw tokenizer pieces: CLIP's BPE, GPT-2's byte-level BPE, SentencePiece.
+_SUBWORD_MARKERS = ("</w>", "\u0120", "\u2581")
 # the most seconds one Retry-After is honoured for; a server asking for longer is not waited on
 _MAX_RETRY_AFTER_S = 120.0
 
@@ -75,15 +77,51 @@ class LogprobsUnavailableError(RemoteValidationError):
 
 
 def normalise_token(token: str) -> str:
-    """A token's text as an option label: no spaces or punctuation, case-folded.
+    """A token's text as an option label: no sub-word markers, spaces or punctuation, case-folded.
+
+    Servers that return raw tokenizer pieces mark word boundaries: CLIP's BPE ends a word with
+    ``</w>``, GPT-2's byte-level BPE starts one with ``Ġ``, SentencePiece with ``▁``. Those are
+    dropped first (``"b</w>"`` would otherwise lose its brackets to the punctuation and read ``"bw"``).
 
     Examples
     --------
     >>> from skcarrot.backends.remote.chat import normalise_token
-    >>> [normalise_token(t) for t in ["B", " B", "b ", "B.", "(b)"]]
-    ['b', 'b', 'b', 'b', 'b']
+    >>> [normalise_token(t) for t in ["B", " B", "b ", "B.", "(b)", "b</w>", "\u0120B", "\u2581b"]]
+    ['b', 'b', 'b', 'b', 'b', 'b', 'b', 'b']
     """
+    for marker in _SUBWORD_MARKERS:
+        token = token.replace(marker, "")
     return token.translate(_PUNCTUATION).strip().casefold()
+
+
+def batch_calibrate(log_probs: np.ndarray) -> np.ndarray:
+    """Batch calibration (Zhou et al., ICLR 2024): less each option position's mean log-probability over a batch.
+
+    A chat model prefers some option letters whatever the image (option-position bias). Over a
+    batch of images of mixed classes, the mean log-probability of each position estimates that
+    preference; subtracting it and renormalising removes it without a call. It needs a batch
+    that holds every class (one image alone would come out uniform), so ``predict`` does not
+    apply it: the refiner learns the same per-position offset from the shots.
+
+    Parameters
+    ----------
+    log_probs : ndarray of shape (..., n_images, n_options)
+
+    Returns
+    -------
+    log_probs : ndarray of the same shape, normalised over the options
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.backends.remote.chat import batch_calibrate
+    >>> biased = np.log(np.array([[0.9, 0.1], [0.6, 0.4]]))  # option A favoured on both images
+    >>> batch_calibrate(biased).argmax(-1).tolist()
+    [0, 1]
+    """
+    centred = np.asarray(log_probs, dtype=np.float64)
+    centred = centred - centred.mean(axis=-2, keepdims=True)
+    return centred - logsumexp(centred, axis=-1)[..., None]
 
 
 def option_log_probs(alternatives: Sequence[tuple[str, float]], labels: Sequence[str]) -> tuple[np.ndarray, bool]:
@@ -152,7 +190,7 @@ def combine_groups(within: Sequence[np.ndarray], final: np.ndarray) -> np.ndarra
     >>> from skcarrot.backends.remote.chat import combine_groups
     >>> within = [np.log([0.8, 0.2]), np.log([0.5, 0.5])]
     >>> np.round(np.exp(combine_groups(within, np.log([0.9, 0.1]))), 3).tolist()
-    [0.783, 0.196, 0.011, 0.011]
+    [0.679, 0.17, 0.075, 0.075]
     """
     scores = np.concatenate([f + np.asarray(w, dtype=np.float64) - np.max(w) for w, f in zip(within, final)])
     return scores - logsumexp(scores)
