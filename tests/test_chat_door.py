@@ -1,5 +1,6 @@
 """The chat door: ChatVLMBackend through the real openai client, against a scripted server and our own."""
 
+import os
 import pickle
 
 import joblib
@@ -167,6 +168,30 @@ def test_pickles_hold_no_key_and_no_client(fake):
     copy = pickle.loads(data)
     assert copy.backend._client is None and copy.backend.n_calls_ == 0
     assert KEY not in repr(clf.backend)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_process_builds_its_own_client_and_cache_connection(fake, tmp_path):
+    url, _ = fake
+    X, _ = shots(1)
+    images = to_pil_images(X)
+    chat = backend(url, cache=str(tmp_path / "answers.sqlite"))
+    parent = chat.option_log_probs(images, DEFAULT_INSTRUCTION, NAMES)
+    client, cache = chat._client, chat._cache
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its calls go through a client and a connection of its own
+        try:
+            chat.option_log_probs(images[:1], "Another question?", NAMES)
+            ok = chat._client is not client and chat._cache is not cache
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+    assert chat._client is client  # the parent keeps its own
+    np.testing.assert_array_equal(chat.option_log_probs(images, DEFAULT_INSTRUCTION, NAMES), parent)
 
 
 # -- what it costs ------------------------------------------------------------------------------------

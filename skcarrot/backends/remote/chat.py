@@ -421,6 +421,7 @@ class ChatVLMBackend:
         self._lock = threading.Lock()
         self._client = None
         self._cache = None
+        self._pid = os.getpid()
         self._tokenizer = None
         self.n_calls_ = 0
         self.n_input_tokens_ = 0
@@ -487,7 +488,18 @@ class ChatVLMBackend:
                 "there at every call, so it never sits in the estimator or its pickles)")
         return key
 
+    def _own_process(self) -> None:
+        """After a fork, the parent's client (its sockets) and cache connection are not this process's: rebuild them.
+
+        The counts go on: a fork is the same backend, in another process.
+        """
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()
+            self._client = self._cache = None
+            self._pid = os.getpid()
+
     def _openai(self):
+        self._own_process()
         with self._lock:
             if self._client is None:
                 try:
@@ -502,6 +514,7 @@ class ChatVLMBackend:
     def _answer_cache(self) -> AnswerCache | None:
         if self.cache in (None, False):
             return None
+        self._own_process()
         with self._lock:
             if self._cache is None:
                 path = default_cache_path() if self.cache is True else os.fspath(self.cache)
