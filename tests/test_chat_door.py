@@ -354,3 +354,16 @@ def test_an_image_over_the_size_is_refused_before_any_call(fake):
 def test_bad_parameters_are_refused(params, match):
     with pytest.raises(ValueError, match=match):
         ChatVLMBackend(cache=None, **params)
+
+
+def test_the_estimate_counts_what_the_fit_spends_groups_and_final_rounds_included(fake):
+    url, script = fake
+    X, y = shots(2, classes=6)
+    names = [str(c) for c in range(6)]
+    clf = quick(backend(url, max_options=4), class_names=names, n_views=2)
+    estimate = clf.estimate_cost(X, y, prices={"input": 2.5, "output": 10.0})
+    assert script.requests == []  # a dry run: no call
+    clf.fit(X, y)
+    assert estimate["calls"] == clf.n_calls_ == len(y) * 2 * 3  # two groups and a final round a view
+    assert estimate["output_tokens"] == clf.n_output_tokens_
+    assert np.isclose(estimate["usd"], (estimate["input_tokens"] * 2.5 + estimate["output_tokens"] * 10) / 1e6)

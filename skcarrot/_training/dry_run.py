@@ -38,7 +38,9 @@ class DryRunBackend:
     def _option_log_probs(self, images, instruction, descriptions, max_calls=None) -> np.ndarray:
         backend = self.backend
         groups = backend.groups(len(descriptions))
-        calls = len(images) * len(groups)
+        calls = len(images) * backend.calls_per_image(len(descriptions))
+        if len(groups) > 1:  # the final round among the groups' winners: as many options as groups
+            groups = groups + [(0, len(groups))]
         if max_calls is not None and calls > max_calls:
             raise QueryBudgetExceededError(f"scoring needs {calls} chat calls and the budget has {max_calls} left")
         estimate = getattr(backend, "estimate_tokens", None)
