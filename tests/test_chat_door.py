@@ -344,12 +344,15 @@ def test_an_image_over_the_size_is_refused_before_any_call(fake):
     url, script = fake
     with pytest.raises(ValueError, match="max_image_bytes"):
         backend(url, max_image_bytes=50).option_log_probs(shots(1)[0], "Which?", NAMES)
+    with pytest.raises(ValueError, match="12x12 = 144 pixels, more than max_image_pixels=100"):
+        backend(url, max_image_pixels=100).option_log_probs(shots(1)[0], "Which?", NAMES)
     assert script.requests == []
 
 
 @pytest.mark.parametrize("params, match", [
     (dict(top_logprobs=21), "top_logprobs"), (dict(detail="huge"), "detail"), (dict(max_options=1), "max_options"),
     (dict(max_concurrency=0), "max_concurrency"), (dict(max_retries=-1), "max_retries"),
+    (dict(max_image_pixels=0), "max_image_pixels"),
 ])
 def test_bad_parameters_are_refused(params, match):
     with pytest.raises(ValueError, match=match):

@@ -342,6 +342,9 @@ class ChatVLMBackend:
         None reads the top alternatives.
     max_image_bytes : int, default=20 MiB
         Largest PNG sent; a larger image is refused before any call (downscale it).
+    max_image_pixels : int or None, default=None
+        Most pixels (width x height) of an image sent; a larger one is refused before any call
+        (servers downscale large images anyway, and bill by size at high detail). None: no bound.
     count_tokens : callable or None, default=None
         ``count_tokens(text) -> int`` for :meth:`estimate_tokens`; None counts with open_clip's
         BPE tokenizer (exact for ``skcarrot serve``'s model, an estimate elsewhere).
@@ -382,6 +385,7 @@ class ChatVLMBackend:
         cache_size: int = 200_000,
         option_token_ids: dict | None = None,
         max_image_bytes: int = 20 * 1024 * 1024,
+        max_image_pixels: int | None = None,
         count_tokens: Any = None,
     ) -> None:
         self.model = model
@@ -397,12 +401,13 @@ class ChatVLMBackend:
         self.cache_size = cache_size
         self.option_token_ids = option_token_ids
         self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
         self.count_tokens = count_tokens
         self._check()
         self._reset()
 
     _PARAMS = ("model", "base_url", "api_key_env", "top_logprobs", "max_options", "detail", "max_concurrency",
-               "timeout", "max_retries", "cache", "cache_size", "option_token_ids", "max_image_bytes",
+               "timeout", "max_retries", "cache", "cache_size", "option_token_ids", "max_image_bytes", "max_image_pixels",
                "count_tokens")
 
     def _check(self) -> None:
@@ -414,6 +419,9 @@ class ChatVLMBackend:
             raise ValueError(f"max_options must be in [2, {len(_LETTERS)}] or None, got {self.max_options!r}")
         if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be an int >= 1, got {self.max_concurrency!r}")
+        if self.max_image_pixels is not None and (not isinstance(self.max_image_pixels, int)
+                                                  or self.max_image_pixels < 1):
+            raise ValueError(f"max_image_pixels must be an int >= 1 or None, got {self.max_image_pixels!r}")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
 
@@ -712,6 +720,11 @@ class ChatVLMBackend:
         for q, _ in tasks:
             i = questions[q][0]
             if i not in urls:
+                width, height = images[i].size
+                if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+                    raise ValueError(f"image {i} is {width}x{height} = {width * height} pixels, more than "
+                                     f"max_image_pixels={self.max_image_pixels}; downscale it or raise "
+                                     "max_image_pixels")
                 url = _data_url(images[i])
                 size = len(url) * 3 // 4
                 if size > self.max_image_bytes:
