@@ -1,6 +1,6 @@
 """The same fit in process and over HTTP: the ratio, and where the difference goes.
 
-    python benchmarks/http_vs_in_process.py [--budget 8000] [--repeats 3] [--threads 1]
+    python benchmarks/http_vs_in_process.py [--budget 8000] [--repeats 3] [--threads 1] [--handwritten]
                                             [--before PATH_TO_ANOTHER_SOURCE_TREE]
 
 Everything runs on 127.0.0.1 and stops by itself. It fits
@@ -25,7 +25,9 @@ what each costs on top of the model, per request:
 
 With ``--before PATH`` (an unpacked ``git archive`` of an earlier commit, say) the same is
 measured for that version, in the same run, from its own sources (client, server and
-estimator alike).
+estimator alike). With ``--handwritten`` this tree is measured a second time with the
+hand-written HTTP/1.1 client the package once had (``handwritten_http.py``) in place of
+urllib3: the two transports side by side.
 """
 
 import argparse
@@ -61,10 +63,34 @@ def _requests(url):
     return counts
 
 
-def measure(tree, budget, repeats, threads):
+def _use_the_handwritten_client():
+    """Put the hand-written HTTP/1.1 client (``handwritten_http.py``) under the remote backends, for comparison."""
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import handwritten_http
+
+    from skcarrot.backends.remote import _client
+
+    class Handwritten:
+        def __init__(self, url, timeout, most, alive):
+            self.inner = handwritten_http.PlainClient(timeout, most, alive)
+
+        def request(self, *args, **kwargs):
+            try:
+                return self.inner.request(*args, **kwargs)
+            except httpx.TransportError as exc:
+                raise _client.TransportError(str(exc)) from exc
+
+    _client.Transport = Handwritten
+
+
+def measure(tree, budget, repeats, threads, handwritten=False):
     """The fits of the skcarrot at ``tree`` (this process imports it): timings and counts."""
     sys.path[:0] = [tree, str(Path(tree) / "tests")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if handwritten:
+        _use_the_handwritten_client()
     import numpy as np
     import torch
     from servekit import ServerProcess
@@ -164,21 +190,27 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="fits of each kind, alternated; the fastest counts")
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads of both processes")
     parser.add_argument("--before", default=None, help="source tree of another version, measured too")
+    parser.add_argument("--handwritten", action="store_true",
+                        help="also measure this tree with the hand-written HTTP/1.1 client of handwritten_http.py")
     parser.add_argument("--tree", default=None, help=argparse.SUPPRESS)  # a child measuring one tree
+    parser.add_argument("--with-handwritten", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tree:
-        print(json.dumps(measure(args.tree, args.budget, args.repeats, args.threads)))
+        print(json.dumps(measure(args.tree, args.budget, args.repeats, args.threads, args.with_handwritten)))
         return
-    trees = {"now": str(Path(__file__).resolve().parent.parent)}
+    here = str(Path(__file__).resolve().parent.parent)
+    trees = {"now": (here, False)}
+    if args.handwritten:
+        trees["handwritten"] = (here, True)
     if args.before:
-        trees["before"] = str(Path(args.before).resolve())
+        trees["before"] = (str(Path(args.before).resolve()), False)
     report = {"cpu_count": os.cpu_count(), "threads": args.threads, "budget": args.budget}
-    for label, tree in trees.items():
+    for label, (tree, handwritten) in trees.items():
         # each version in a process of its own, importing its own sources
         env = {**os.environ, "PYTHONPATH": tree, **{name: str(args.threads) for name in _THREAD_VARIABLES}}
         out = subprocess.run(
             [sys.executable, __file__, "--tree", tree, "--budget", str(args.budget), "--repeats", str(args.repeats),
-             "--threads", str(args.threads)],
+             "--threads", str(args.threads)] + (["--with-handwritten"] if handwritten else []),
             env=env, cwd=tree, check=True, stdout=subprocess.PIPE, text=True,
         ).stdout
         report[label] = summary(json.loads(out.strip().splitlines()[-1]))

@@ -387,8 +387,8 @@ def test_new_images_go_with_the_scoring_request_or_first_to_a_server_that_takes_
     assert ledger.find_key("inline").prompts_used == 4 and ledger.find_key("older").prompts_used == 4
 
 
-def test_the_plain_http_client_replaces_a_kept_alive_socket_the_server_closed():
-    from skcarrot.backends.remote._plain import PlainClient, plain_client_for
+def test_the_transport_replaces_a_kept_alive_connection_the_server_closed():
+    from skcarrot.backends.remote._transport import Transport
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -409,8 +409,7 @@ def test_the_plain_http_client_replaces_a_kept_alive_socket_the_server_closed():
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    client = plain_client_for(f"http://127.0.0.1:{port}/v1", timeout=10)
-    assert isinstance(client, PlainClient)
+    client = Transport(f"http://127.0.0.1:{port}/v1", timeout=10)
     assert client.request("GET", f"http://127.0.0.1:{port}/v1/info").json() == {"ok": 42}
     time.sleep(0.2)  # the server has closed the socket the client keeps
     again = client.request("GET", f"http://127.0.0.1:{port}/v1/info", headers={"Accept": "application/json"})
@@ -419,3 +418,54 @@ def test_the_plain_http_client_replaces_a_kept_alive_socket_the_server_closed():
     assert len(connections) == 2
     client.close()
     listener.close()
+
+
+def test_the_transport_keeps_one_connection_alive_across_requests():
+    from skcarrot.backends.remote._transport import Transport
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted = []
+
+    def serve():
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        for _ in range(3):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = Transport(f"http://127.0.0.1:{port}", timeout=10)
+    assert [client.request("GET", f"http://127.0.0.1:{port}/x").json() for _ in range(3)] == [{}, {}, {}]
+    thread.join(5)
+    assert len(accepted) == 1  # three requests, one connection
+    client.close()
+    listener.close()
+
+
+def test_no_module_of_the_package_speaks_http_by_hand():
+    """HTTP is urllib3's job (client) and uvicorn's (server): no module opens sockets or parses HTTP itself."""
+    import ast
+    import pathlib
+
+    import skcarrot
+
+    banned = {"socket", "http.client", "ssl", "select", "selectors", "asyncio.streams"}
+    found = []
+    for path in pathlib.Path(skcarrot.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            found += [f"{path.name}: {name}" for name in names if name in banned]
+            if isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
+                text = node.value if isinstance(node.value, str) else node.value.decode("latin-1")
+                if "HTTP/1.1 " in text and "\r\n" in text:
+                    found.append(f"{path.name}: a hand-built HTTP message")
+    assert found == []

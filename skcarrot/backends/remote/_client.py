@@ -2,9 +2,9 @@
 
 :class:`RemoteClient` is the base of :class:`~skcarrot.backends.HTTPBackend`
 and :class:`~skcarrot.backends.ZeroShotHTTPBackend`. It holds what they share:
-an HTTP client built on first use (a lean one for plain ``http://`` URLs, see
-:mod:`~skcarrot.backends.remote._plain`, else ``httpx``; built again in a forked child,
-whose parent's connections it must not reuse), retries of connection errors, timeouts,
+an HTTP client built on first use (urllib3's kept-alive connection pool, see
+:mod:`~skcarrot.backends.remote._transport`; built again in a forked child, whose
+parent's connections it must not reuse), retries of connection errors, timeouts,
 429 and 5xx answers with exponential backoff and full jitter (never shorter
 than the server's ``Retry-After``, in seconds or as an HTTP date), other 4xx
 raised at once, one exception family (:class:`~skcarrot.exceptions.RemoteBackendError`
@@ -42,7 +42,7 @@ from ...exceptions import (
     RemoteValidationError,
 )
 from ...wire import RAW_MEDIA_TYPE, WireFormatError, decode_raw
-from ._plain import plain_client_for
+from ._transport import Transport, TransportError
 
 __all__ = ["RETRY_STATUSES", "RemoteClient", "error_text", "retry_after_seconds"]
 
@@ -321,18 +321,8 @@ class RemoteClient(BaseEstimator):
         if state["client"] is None:
             with state["lock"]:
                 if state["client"] is None:
-                    try:
-                        import httpx
-                    except ImportError as exc:  # pragma: no cover - depends on the install
-                        raise ImportError(
-                            f"{type(self).__name__} needs httpx: pip install httpx (or 'skcarrot[serve]')"
-                        ) from exc
                     most, alive = self._connection_limits()
-                    # plain http (a server on this host or network): a lean client, a fraction of
-                    # httpx's work per request; https and proxies: httpx
-                    state["client"] = plain_client_for(self.url, self.timeout, most, alive) or httpx.Client(
-                        timeout=self.timeout, limits=httpx.Limits(max_connections=most, max_keepalive_connections=alive)
-                    )
+                    state["client"] = Transport(self.url, self.timeout, most, alive)
         return state["client"]
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -361,8 +351,6 @@ class RemoteClient(BaseEstimator):
         :data:`~skcarrot.wire.RAW_MEDIA_TYPE` is decoded as a dict whose
         ``logits`` is an array, any other as JSON.
         """
-        import httpx
-
         client = self._http()
         state = self._runtime()
         headers = {"Accept": accept, **self._auth_headers()}
@@ -391,7 +379,7 @@ class RemoteClient(BaseEstimator):
             retry_after = None
             try:
                 response = client.request(method, url, content=content, headers=headers)
-            except httpx.TransportError as exc:  # connection errors and timeouts
+            except TransportError as exc:  # connection errors and timeouts
                 last, answered = f"{type(exc).__name__}: {exc}", False
             else:
                 status = response.status_code

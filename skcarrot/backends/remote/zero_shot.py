@@ -94,7 +94,7 @@ class ZeroShotHTTPBackend(RemoteClient):
 
     Notes
     -----
-    Needs ``httpx`` (``pip install httpx``). Probabilities over a prompt set's
+    Needs the ``serve`` extra (urllib3). Probabilities over a prompt set's
     strings are a softmax, so their log-ratios are logit differences: the text
     prompt search relies on that to screen many candidate strings in one call.
 

@@ -1,4 +1,9 @@
-"""A lean HTTP/1.1 client for plain ``http://`` servers: kept-alive sockets, the standard library's parser.
+"""The hand-written HTTP/1.1 client the remote backends once had, kept for comparison only.
+
+``http_vs_in_process.py --handwritten`` measures a fit with it in place of urllib3, side by side.
+The package itself speaks HTTP through urllib3 (``skcarrot.backends.remote._transport``).
+
+A lean HTTP/1.1 client for plain ``http://`` servers: kept-alive sockets, the standard library's parser.
 
 :class:`PlainClient` has the one method :class:`~skcarrot.backends.remote._client.RemoteClient`
 uses of an ``httpx.Client``, ``request(method, url, content=, headers=)``, answers
