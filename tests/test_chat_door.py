@@ -1,5 +1,6 @@
 """The chat door: ChatVLMBackend through the real openai client, against a scripted server and our own."""
 
+import os
 import pickle
 
 import joblib
@@ -12,8 +13,10 @@ from sklearn.preprocessing import FunctionTransformer
 from chatkit import KEY, MODEL, Script, brightness_images, fake_chat_server
 from skcarrot import CarrotClassifier, ChatVLMBackend
 from skcarrot.backends.remote.chat import (
+    DEFAULT_INSTRUCTION,
     AnswerCache,
     LogprobsUnavailableError,
+    batch_calibrate,
     combine_groups,
     normalise_token,
     option_log_probs,
@@ -25,6 +28,7 @@ from skcarrot.exceptions import (
     RemoteUnavailableError,
     RemoteValidationError,
 )
+from skcarrot.images import to_pil_images
 
 KEY_ENV = "SKCARROT_TEST_CHAT_KEY"
 NAMES = [str(c) for c in range(4)]
@@ -61,6 +65,29 @@ def test_tokens_are_options_by_their_normalised_text():
     assert {normalise_token(t) for t in ["B", " B", "b", "B.", "(B)", "b\u00a0"]} == {"b"}
     lp, ok = option_log_probs([("B", np.log(0.5)), (" b", np.log(0.3)), ("A", np.log(0.1))], ["A", "B"])
     assert ok and np.allclose(np.exp(lp), [0.1 / 0.9, 0.8 / 0.9])
+
+
+def test_raw_tokenizer_pieces_are_options_too():
+    # CLIP's BPE ("b</w>"), GPT-2's byte-level BPE ("\u0120B"), SentencePiece ("\u2581b")
+    assert {normalise_token(t) for t in ["b</w>", "\u0120B", "\u2581b", "B</w>."]} == {"b"}
+    lp, ok = option_log_probs([("b</w>", np.log(0.5)), ("a</w>", np.log(0.3))], ["A", "B"])
+    assert ok and np.allclose(np.exp(lp), [0.3 / 0.8, 0.5 / 0.8])
+
+
+def test_option_position_bias_is_measured_and_batch_calibration_removes_it(fake):
+    url, _ = fake
+    X, y = shots(n=4)
+    logp = backend(url).option_log_probs(to_pil_images(X), DEFAULT_INSTRUCTION, NAMES)
+
+    def wrong_mass(scores):
+        """Mean probability each option position gets on images that are not its class."""
+        p = np.exp(scores)
+        return np.array([p[y != j, j].mean() for j in range(len(NAMES))])
+
+    raw, calibrated = wrong_mass(logp), wrong_mass(batch_calibrate(logp))
+    assert raw[0] > 1.5 * raw[-1]  # the double prefers early letters when it is wrong, as chat models do
+    assert np.ptp(calibrated) < 0.5 * np.ptp(raw)
+    assert (batch_calibrate(logp).argmax(1) == y).mean() >= (logp.argmax(1) == y).mean()
 
 
 def test_a_missing_option_gets_the_mass_left_never_more_than_the_least_alternative():
@@ -141,6 +168,30 @@ def test_pickles_hold_no_key_and_no_client(fake):
     copy = pickle.loads(data)
     assert copy.backend._client is None and copy.backend.n_calls_ == 0
     assert KEY not in repr(clf.backend)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_process_builds_its_own_client_and_cache_connection(fake, tmp_path):
+    url, _ = fake
+    X, _ = shots(1)
+    images = to_pil_images(X)
+    chat = backend(url, cache=str(tmp_path / "answers.sqlite"))
+    parent = chat.option_log_probs(images, DEFAULT_INSTRUCTION, NAMES)
+    client, cache = chat._client, chat._cache
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its calls go through a client and a connection of its own
+        try:
+            chat.option_log_probs(images[:1], "Another question?", NAMES)
+            ok = chat._client is not client and chat._cache is not cache
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+    assert chat._client is client  # the parent keeps its own
+    np.testing.assert_array_equal(chat.option_log_probs(images, DEFAULT_INSTRUCTION, NAMES), parent)
 
 
 # -- what it costs ------------------------------------------------------------------------------------
@@ -293,12 +344,15 @@ def test_an_image_over_the_size_is_refused_before_any_call(fake):
     url, script = fake
     with pytest.raises(ValueError, match="max_image_bytes"):
         backend(url, max_image_bytes=50).option_log_probs(shots(1)[0], "Which?", NAMES)
+    with pytest.raises(ValueError, match="12x12 = 144 pixels, more than max_image_pixels=100"):
+        backend(url, max_image_pixels=100).option_log_probs(shots(1)[0], "Which?", NAMES)
     assert script.requests == []
 
 
 @pytest.mark.parametrize("params, match", [
     (dict(top_logprobs=21), "top_logprobs"), (dict(detail="huge"), "detail"), (dict(max_options=1), "max_options"),
     (dict(max_concurrency=0), "max_concurrency"), (dict(max_retries=-1), "max_retries"),
+    (dict(max_image_pixels=0), "max_image_pixels"),
 ])
 def test_bad_parameters_are_refused(params, match):
     with pytest.raises(ValueError, match=match):

@@ -55,8 +55,8 @@ from ...exceptions import (
 )
 from ...wire import hash_pixels, image_tokens
 
-__all__ = ["ChatVLMBackend", "AnswerCache", "DEFAULT_INSTRUCTION", "normalise_token", "option_log_probs",
-           "combine_groups", "LogprobsUnavailableError", "default_cache_path"]
+__all__ = ["ChatVLMBackend", "AnswerCache", "DEFAULT_INSTRUCTION", "batch_calibrate", "normalise_token",
+           "option_log_probs", "combine_groups", "LogprobsUnavailableError", "default_cache_path"]
 
 logger = logging.getLogger("skcarrot")
 
@@ -66,6 +66,8 @@ DEFAULT_INSTRUCTION = "Which option describes the image? Answer with the letter.
 SENTINEL = -9999.0
 _LETTERS = string.ascii_uppercase
 _PUNCTUATION = str.maketrans("", "", string.punctuation + "\u00a0")
+# Word-boundary marks of raw tokenizer pieces: CLIP's BPE, GPT-2's byte-level BPE, SentencePiece.
+_SUBWORD_MARKERS = ("</w>", "\u0120", "\u2581")
 # the most seconds one Retry-After is honoured for; a server asking for longer is not waited on
 _MAX_RETRY_AFTER_S = 120.0
 
@@ -75,15 +77,51 @@ class LogprobsUnavailableError(RemoteValidationError):
 
 
 def normalise_token(token: str) -> str:
-    """A token's text as an option label: no spaces or punctuation, case-folded.
+    """A token's text as an option label: no sub-word markers, spaces or punctuation, case-folded.
+
+    Servers that return raw tokenizer pieces mark word boundaries: CLIP's BPE ends a word with
+    ``</w>``, GPT-2's byte-level BPE starts one with ``Ġ``, SentencePiece with ``▁``. Those are
+    dropped first (``"b</w>"`` would otherwise lose its brackets to the punctuation and read ``"bw"``).
 
     Examples
     --------
     >>> from skcarrot.backends.remote.chat import normalise_token
-    >>> [normalise_token(t) for t in ["B", " B", "b ", "B.", "(b)"]]
-    ['b', 'b', 'b', 'b', 'b']
+    >>> [normalise_token(t) for t in ["B", " B", "b ", "B.", "(b)", "b</w>", "\u0120B", "\u2581b"]]
+    ['b', 'b', 'b', 'b', 'b', 'b', 'b', 'b']
     """
+    for marker in _SUBWORD_MARKERS:
+        token = token.replace(marker, "")
     return token.translate(_PUNCTUATION).strip().casefold()
+
+
+def batch_calibrate(log_probs: np.ndarray) -> np.ndarray:
+    """Batch calibration (Zhou et al., ICLR 2024): less each option position's mean log-probability over a batch.
+
+    A chat model prefers some option letters whatever the image (option-position bias). Over a
+    batch of images of mixed classes, the mean log-probability of each position estimates that
+    preference; subtracting it and renormalising removes it without a call. It needs a batch
+    that holds every class (one image alone would come out uniform), so ``predict`` does not
+    apply it: the refiner learns the same per-position offset from the shots.
+
+    Parameters
+    ----------
+    log_probs : ndarray of shape (..., n_images, n_options)
+
+    Returns
+    -------
+    log_probs : ndarray of the same shape, normalised over the options
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skcarrot.backends.remote.chat import batch_calibrate
+    >>> biased = np.log(np.array([[0.9, 0.1], [0.6, 0.4]]))  # option A favoured on both images
+    >>> batch_calibrate(biased).argmax(-1).tolist()
+    [0, 1]
+    """
+    centred = np.asarray(log_probs, dtype=np.float64)
+    centred = centred - centred.mean(axis=-2, keepdims=True)
+    return centred - logsumexp(centred, axis=-1)[..., None]
 
 
 def option_log_probs(alternatives: Sequence[tuple[str, float]], labels: Sequence[str]) -> tuple[np.ndarray, bool]:
@@ -152,7 +190,7 @@ def combine_groups(within: Sequence[np.ndarray], final: np.ndarray) -> np.ndarra
     >>> from skcarrot.backends.remote.chat import combine_groups
     >>> within = [np.log([0.8, 0.2]), np.log([0.5, 0.5])]
     >>> np.round(np.exp(combine_groups(within, np.log([0.9, 0.1]))), 3).tolist()
-    [0.783, 0.196, 0.011, 0.011]
+    [0.679, 0.17, 0.075, 0.075]
     """
     scores = np.concatenate([f + np.asarray(w, dtype=np.float64) - np.max(w) for w, f in zip(within, final)])
     return scores - logsumexp(scores)
@@ -304,6 +342,9 @@ class ChatVLMBackend:
         None reads the top alternatives.
     max_image_bytes : int, default=20 MiB
         Largest PNG sent; a larger image is refused before any call (downscale it).
+    max_image_pixels : int or None, default=None
+        Most pixels (width x height) of an image sent; a larger one is refused before any call
+        (servers downscale large images anyway, and bill by size at high detail). None: no bound.
     count_tokens : callable or None, default=None
         ``count_tokens(text) -> int`` for :meth:`estimate_tokens`; None counts with open_clip's
         BPE tokenizer (exact for ``skcarrot serve``'s model, an estimate elsewhere).
@@ -344,6 +385,7 @@ class ChatVLMBackend:
         cache_size: int = 200_000,
         option_token_ids: dict | None = None,
         max_image_bytes: int = 20 * 1024 * 1024,
+        max_image_pixels: int | None = None,
         count_tokens: Any = None,
     ) -> None:
         self.model = model
@@ -359,12 +401,13 @@ class ChatVLMBackend:
         self.cache_size = cache_size
         self.option_token_ids = option_token_ids
         self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
         self.count_tokens = count_tokens
         self._check()
         self._reset()
 
     _PARAMS = ("model", "base_url", "api_key_env", "top_logprobs", "max_options", "detail", "max_concurrency",
-               "timeout", "max_retries", "cache", "cache_size", "option_token_ids", "max_image_bytes",
+               "timeout", "max_retries", "cache", "cache_size", "option_token_ids", "max_image_bytes", "max_image_pixels",
                "count_tokens")
 
     def _check(self) -> None:
@@ -376,6 +419,9 @@ class ChatVLMBackend:
             raise ValueError(f"max_options must be in [2, {len(_LETTERS)}] or None, got {self.max_options!r}")
         if not isinstance(self.max_concurrency, int) or self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be an int >= 1, got {self.max_concurrency!r}")
+        if self.max_image_pixels is not None and (not isinstance(self.max_image_pixels, int)
+                                                  or self.max_image_pixels < 1):
+            raise ValueError(f"max_image_pixels must be an int >= 1 or None, got {self.max_image_pixels!r}")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
 
@@ -383,6 +429,7 @@ class ChatVLMBackend:
         self._lock = threading.Lock()
         self._client = None
         self._cache = None
+        self._pid = os.getpid()
         self._tokenizer = None
         self.n_calls_ = 0
         self.n_input_tokens_ = 0
@@ -449,7 +496,18 @@ class ChatVLMBackend:
                 "there at every call, so it never sits in the estimator or its pickles)")
         return key
 
+    def _own_process(self) -> None:
+        """After a fork, the parent's client (its sockets) and cache connection are not this process's: rebuild them.
+
+        The counts go on: a fork is the same backend, in another process.
+        """
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()
+            self._client = self._cache = None
+            self._pid = os.getpid()
+
     def _openai(self):
+        self._own_process()
         with self._lock:
             if self._client is None:
                 try:
@@ -464,6 +522,7 @@ class ChatVLMBackend:
     def _answer_cache(self) -> AnswerCache | None:
         if self.cache in (None, False):
             return None
+        self._own_process()
         with self._lock:
             if self._cache is None:
                 path = default_cache_path() if self.cache is True else os.fspath(self.cache)
@@ -661,6 +720,11 @@ class ChatVLMBackend:
         for q, _ in tasks:
             i = questions[q][0]
             if i not in urls:
+                width, height = images[i].size
+                if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+                    raise ValueError(f"image {i} is {width}x{height} = {width * height} pixels, more than "
+                                     f"max_image_pixels={self.max_image_pixels}; downscale it or raise "
+                                     "max_image_pixels")
                 url = _data_url(images[i])
                 size = len(url) * 3 // 4
                 if size > self.max_image_bytes:
