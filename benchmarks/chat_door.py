@@ -1,7 +1,7 @@
 """The chat door, measured: zero-shot, refine-only, instruction search, CARROT and the default, through HTTP.
 
     python benchmarks/chat_door.py [--seeds 100 ... 109] [--shots 1 2 4 8 16] [--tasks digits fashion digits+fashion]
-                                   [--methods ...] [--budget N] [--out bench_output/chat_door]
+                                   [--methods ...] [--budget N | --paper-budgets] [--out bench_output/chat_door]
                                    [--markdown MD] [--plot PNG] [--summary-only]
 
 The black box is the embedded micro chat model served by ``skcarrot serve`` (a subprocess on
@@ -207,6 +207,8 @@ def main():
     parser.add_argument("--tasks", nargs="+", default=["digits"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--budget", type=int, default=None, help="query_budget of every fit (default: the door's)")
+    parser.add_argument("--paper-budgets", action="store_true",
+                        help="the paper's budget for the shots (skcarrot.presets.budget_for_shots), as calls")
     parser.add_argument("--out", default="bench_output/chat_door")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--plot", default=None)
@@ -224,7 +226,12 @@ def main():
         try:
             print(f"{len(todo)} of {len(cells)} cells to run against {url}", flush=True)
             for i, (task, shots, seed, method) in enumerate(todo, 1):
-                r = run_cell(args.out, url, task, shots, seed, method, args.budget)
+                budget = args.budget
+                if args.paper_budgets:
+                    from skcarrot.presets import budget_for_shots
+
+                    budget = budget_for_shots(shots)
+                r = run_cell(args.out, url, task, shots, seed, method, budget)
                 print(f"[{i}/{len(todo)}] {task} {shots} shots seed {seed} {method}: {100 * r['accuracy']:.1f}% "
                       f"{r['calls']} calls {r['input_tokens']:,} in {r['output_tokens']} out tokens "
                       f"{r['seconds']:.0f}s", flush=True)
