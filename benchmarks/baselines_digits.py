@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from skcarrot.baselines import CoOpClassifier, LinearProbeClassifier, TipAdapterClassifier
+from skcarrot.tools.baselines import CoOpClassifier, LinearProbeClassifier, TipAdapterClassifier
 from skcarrot.datasets import FASHION_CLASSES, few_shot_split, load_digit_images, load_fashion_mnist
 
 SETTINGS = {

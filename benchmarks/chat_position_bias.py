@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 def batch_calibrate(log_probs):
     """Each option's mean log-probability over the batch subtracted, then renormalised."""
-    from skcarrot._math import log_softmax
+    from skcarrot._util.math import log_softmax
 
     return log_softmax(log_probs - log_probs.mean(axis=0, keepdims=True))
 

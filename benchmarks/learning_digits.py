@@ -16,7 +16,7 @@ from PIL import Image
 
 from skcarrot import CarrotClassifier
 from skcarrot.datasets import few_shot_split, load_digit_images
-from skcarrot.presets import METHODS
+from skcarrot.tools.presets import METHODS
 
 
 def as_input(X, kind, folder):

@@ -121,8 +121,8 @@ def split(task, shots, seed):
 def estimator(method, task, shots, seed):
     from skcarrot import CarrotClassifier
     from skcarrot.backends import OpenCLIPTextBackend
-    from skcarrot.baselines import LinearProbeClassifier
-    from skcarrot.presets import budget_for_shots
+    from skcarrot.tools.baselines import LinearProbeClassifier
+    from skcarrot.tools.presets import budget_for_shots
 
     names = _names(task)
     budget = budget_for_shots(shots)
@@ -217,7 +217,7 @@ def bar(table, default="default", refine="refine", carrot="carrot", budget=None)
     The search "pays" on a test set where CARROT beats refine-only with a paired 95% interval above 0; where
     it does not, the default should spend at most a quarter of the budget.
     """
-    from skcarrot.presets import budget_for_shots
+    from skcarrot.tools.presets import budget_for_shots
 
     lines = [f"| test set | shots | {refine} | {carrot} | {default} | queries ({default}) | search pays | "
              "accuracy bar | spending bar |", "|---|---|---|---|---|---|---|---|---|"]

@@ -20,7 +20,7 @@ from skcarrot.datasets import (
     load_opencv_digits,
 )
 from skcarrot.images import to_pil_images
-from skcarrot.pretrain import opencv_digits_split
+from skcarrot.tools.pretrain import opencv_digits_split
 
 
 def zero_shot(backend, X, y, names, batch=2000):

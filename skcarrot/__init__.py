@@ -5,7 +5,7 @@ black-box door in :mod:`skcarrot.backends`: prompt offsets in, logits out, every
 query counted.
 """
 
-from ._vocabulary import UnknownClassNamesWarning
+from .search._vocabulary import UnknownClassNamesWarning
 from .backends import BlackBoxVLM, ChatVLMBackend, HTTPBackend, OpenCLIPBackend, QueryCounter, ToyBackend, ZeroShotHTTPBackend
 from .classifier import CarrotClassifier
 from .exceptions import QueryBudgetExceededError, WeightsUnavailableError

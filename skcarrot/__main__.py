@@ -1,5 +1,5 @@
 """``python -m skcarrot``: the command line."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

@@ -29,9 +29,9 @@ from ._training import (
     requests_named_by,
     run_generations,
 )
-from ._predict import ImageClassifierMixin
-from ._validation import check_images_and_labels, resolve_class_names
-from ._vocabulary import warn_if_unknown_to
+from ._util.predict import ImageClassifierMixin
+from ._util.validation import check_images_and_labels, resolve_class_names
+from .search._vocabulary import warn_if_unknown_to
 from .backends.embedded import resolve_backend
 from .doors import door_named, fitted_attribute_names, pick_door
 from .images import AUGMENTATIONS, flat_width

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._threads import threads_for, torch_threads
+from ._util.threads import threads_for, torch_threads
 
 __all__ = ["cross_entropy", "consistency_kl", "prompt_fitness", "refiner_loss"]
 

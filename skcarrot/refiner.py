@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._threads import threads_for, torch_threads
+from ._util.threads import threads_for, torch_threads
 from .losses import refiner_loss
 
 __all__ = ["ResidualRefiner", "refine_logits"]

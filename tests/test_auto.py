@@ -168,7 +168,7 @@ def test_auto_with_fresh_views_says_what_to_change(digits):
 
 
 def test_the_presets_run_the_papers_protocol(digits):
-    from skcarrot.presets import preset_params
+    from skcarrot.tools.presets import preset_params
 
     Xtr, ytr, _, _ = digits
     params = {**preset_params("eurosat", 4), "query_budget": 100, "popsize": 8, "intrinsic_dim": 16}

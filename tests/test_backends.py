@@ -268,7 +268,7 @@ def test_half_precision_stays_close(images):
 
 
 def test_non_finite_offsets_are_refused_with_their_count_and_the_first_index():
-    from skcarrot._validation import check_offsets
+    from skcarrot._util.validation import check_offsets
 
     offsets = np.zeros((3, 4, 32))
     offsets[1, 2, 5], offsets[2, 0, 0] = np.nan, np.inf

@@ -5,7 +5,7 @@ import pytest
 from helpers import same_global_state
 
 from skcarrot import ToyBackend
-from skcarrot.baselines import CoOpClassifier, LinearProbeClassifier, TipAdapterClassifier, coop_epochs
+from skcarrot.tools.baselines import CoOpClassifier, LinearProbeClassifier, TipAdapterClassifier, coop_epochs
 from skcarrot.datasets import few_shot_split, load_digit_images
 
 ESTIMATORS = [

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from helpers import make_split_dataset, save_noise_image
 
-from skcarrot.bench import make_estimator, paper_numbers, read_cells, run_bench
-from skcarrot.cli import main
+from skcarrot.tools.bench import make_estimator, paper_numbers, read_cells, run_bench
+from skcarrot.tools.cli import main
 from skcarrot.datasets import load_benchmark, sample_few_shot
 from skcarrot.datasets.benchmark import SPLIT_DATASETS
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from helpers import make_split_dataset
 
-from skcarrot.bench import BenchError, read_cells, run_bench
-from skcarrot.cli import main
+from skcarrot.tools.bench import BenchError, read_cells, run_bench
+from skcarrot.tools.cli import main
 
 distributed = pytest.importorskip("distributed")
 

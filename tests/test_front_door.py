@@ -16,7 +16,7 @@ from skcarrot import (
     ZeroShotHTTPBackend,
 )
 from skcarrot._training import plan_generations
-from skcarrot._vocabulary import unknown_class_names, warn_if_unknown_to
+from skcarrot.search._vocabulary import unknown_class_names, warn_if_unknown_to
 from skcarrot.backends import OpenCLIPTextBackend, embedded_backend
 from skcarrot.backends import _weights
 from skcarrot.datasets import DIGIT_WORDS, FASHION_CLASSES

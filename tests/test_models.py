@@ -35,7 +35,7 @@ def test_every_public_module_star_imports(name):
 
 def test_a_name_means_the_same_weights_to_the_estimator_the_bench_and_the_server():
     from skcarrot.backends.embedded import resolve_backend
-    from skcarrot.bench import open_model as bench_model
+    from skcarrot.tools.bench import open_model as bench_model
     from skcarrot.serve.scorer import Scorer
 
     assert bench_model is open_model

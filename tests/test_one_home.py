@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skcarrot import _split, wire
+from skcarrot import wire
+from skcarrot._util import split as _split
 from skcarrot._training import early_stopping, selection
 from skcarrot.datasets import few_shot_split, load_digit_images
 from skcarrot.datasets.benchmark import _per_class
@@ -215,8 +216,8 @@ def test_every_default_template_is_the_one_constant():
 
     from skcarrot.backends import OpenCLIPBackend, embedded_backend
     from skcarrot.backends.models import DEFAULT_TEMPLATE, open_model
-    from skcarrot.cli import _add_serve_commands
-    from skcarrot.pretrain import DIGIT_TEMPLATES, FASHION_TEMPLATES
+    from skcarrot.tools.cli import _add_serve_commands
+    from skcarrot.tools.pretrain import DIGIT_TEMPLATES, FASHION_TEMPLATES
 
     defaults = [inspect.signature(f).parameters["template"].default
                 for f in (OpenCLIPBackend, embedded_backend, open_model)]
@@ -234,8 +235,10 @@ def test_every_default_template_is_the_one_constant():
 
 
 def test_the_predict_mixin_has_one_home():
-    from skcarrot import CarrotClassifier, _predict, _validation
-    from skcarrot.baselines import LinearProbeClassifier
+    from skcarrot import CarrotClassifier
+    from skcarrot._util import predict as _predict
+    from skcarrot._util import validation as _validation
+    from skcarrot.tools.baselines import LinearProbeClassifier
 
     assert not hasattr(_validation, "ImageClassifierMixin")
     assert issubclass(CarrotClassifier, _predict.ImageClassifierMixin)

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from skcarrot import CarrotClassifier
-from skcarrot.bench import make_estimator, paper_numbers
-from skcarrot.presets import PRESETS, budget_for_shots, preset_params
+from skcarrot.tools.bench import make_estimator, paper_numbers
+from skcarrot.tools.presets import PRESETS, budget_for_shots, preset_params
 
 # Transcribed from the official per-dataset configs (RN50, 16 shots) and scripts:
 # sigma, bound (0 = none), projection std, consistency weight, n (KL during the first

@@ -332,7 +332,7 @@ def test_any_backend_can_be_served_and_a_failing_model_is_refunded(tmp_path):
 
 
 def test_keys_create_prints_the_key_once_and_the_ledger_keeps_its_hash(tmp_path, capsys):
-    from skcarrot.cli import main
+    from skcarrot.tools.cli import main
 
     db = f"sqlite:///{tmp_path / 'keys.db'}"
     assert main(["keys", "create", "--name", "alice", "--budget", "500", "--rate-limit", "100", "--db", db]) == 0

@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 from servekit import auth, noise_image, offsets_array, score, sqlite_app, thread_server, upload  # noqa: E402
 
-from skcarrot.cli import main  # noqa: E402
+from skcarrot.tools.cli import main  # noqa: E402
 from skcarrot.serve import Settings, create_app  # noqa: E402
 
 

@@ -226,7 +226,7 @@ def test_oversized_headers_are_refused_with_431(tmp_path):
         r = client.get("/v1/info", headers={"Authorization": "Bearer " + "x" * 100_000})
         assert r.status_code == 431 and r.json()["max_header_bytes"] == 4096
         assert client.get("/v1/health").status_code == 200
-    from skcarrot.cli import uvicorn_limits
+    from skcarrot.tools.cli import uvicorn_limits
 
     assert uvicorn_limits(Settings(db_url="sqlite://"))["h11_max_incomplete_event_size"] < 64 * 1024
 

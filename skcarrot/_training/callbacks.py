@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any
 
-from .._progress import progress_bar
+from .._util.progress import progress_bar
 from .checkpoint import write_checkpoint
 
 __all__ = ["Checkpointer", "Progress"]

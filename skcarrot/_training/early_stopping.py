@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .._split import stratified_holdout
+from .._util.split import stratified_holdout
 
 __all__ = ["EarlyStopping", "Snapshot", "stratified_holdout"]
 

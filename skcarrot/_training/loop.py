@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._threads import fit_threads
+from .._util.threads import fit_threads
 from ..losses import cross_entropy
 from ..refiner import refine_logits
 from .early_stopping import EarlyStopping, Snapshot

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from sklearn.utils import check_random_state
 
-from .._math import softmax
-from .._split import stratified_folds
+from .._util.math import softmax
+from .._util.split import stratified_folds
 from ..refiner import refine_logits
 from .loop import BudgetTooSmallError, run_generations
 from .start import StartingPoint

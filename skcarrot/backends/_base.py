@@ -19,8 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .._math import log_softmax
-from .._validation import check_logits, check_offsets
+from .._util.math import log_softmax
+from .._util.validation import check_logits, check_offsets
 from ..exceptions import QueryBudgetExceededError
 
 __all__ = [

@@ -5,7 +5,7 @@ whose default model is this one.
 
 It is loaded through the same path as any open_clip model: a registered config
 (``skcarrot-micro-clip``) and a local checkpoint file. See the model card in the
-documentation and :mod:`skcarrot.pretrain` for how it was made.
+documentation and :mod:`skcarrot.tools.pretrain` for how it was made.
 """
 
 from __future__ import annotations

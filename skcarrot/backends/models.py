@@ -155,7 +155,7 @@ def open_model(
     if pretrained == EMBEDDED_WEIGHTS and not Path(EMBEDDED_WEIGHTS).is_file():
         raise FileNotFoundError(
             f"the embedded model's weights are missing from the installation ({EMBEDDED_WEIGHTS}); "
-            "reinstall skcarrot or regenerate them with 'python -m skcarrot.pretrain'"
+            "reinstall skcarrot or regenerate them with 'python -m skcarrot.tools.pretrain'"
         )
     if check and pretrained is not None and not os.path.isfile(pretrained):
         import open_clip

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
-from .._validation import check_offsets
-from .._threads import threads_for, torch_threads
+from .._util.validation import check_offsets
+from .._util.threads import threads_for, torch_threads
 from ..exceptions import WeightsUnavailableError
 from ..wire import hash_pixels
 from ._weights import check_weights_obtainable
@@ -289,7 +289,7 @@ class _LoadedBox:
     def _scoring(self, flops: float):
         """One scoring call: the lock, inference mode, a thread count sized to the text encoding, autocast.
 
-        A call below :data:`skcarrot._threads.SMALL_WORK_FLOPS` (e.g. a 40-prompt generation of
+        A call below :data:`skcarrot._util.threads.SMALL_WORK_FLOPS` (e.g. a 40-prompt generation of
         the embedded model, about 0.3 GFLOP in ops of well under a millisecond) runs on one
         thread; bigger ones (e.g. RN50's text tower) on torch's count from outside the fit.
         """
@@ -517,7 +517,7 @@ class OpenCLIPBackend(BaseEstimator):
         """Open the box: features and differentiable text encoding, for white-box baselines.
 
         :class:`skcarrot.CarrotClassifier` never calls this; the white-box baselines in
-        :mod:`skcarrot.baselines` (CoOp, linear probe, Tip-Adapter) do, and say so.
+        :mod:`skcarrot.tools.baselines` (CoOp, linear probe, Tip-Adapter) do, and say so.
 
         Returns
         -------

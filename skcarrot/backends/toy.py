@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from sklearn.base import BaseEstimator
 
-from .._validation import check_offsets
+from .._util.validation import check_offsets
 
 __all__ = ["ToyBackend"]
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .._split import draw_per_class
+from .._util.split import draw_per_class
 
 __all__ = [
     "DATASETS",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._split import draw_per_class
+from .._util.split import draw_per_class
 
 __all__ = [
     "DIGIT_WORDS",

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from .._threads import one_blas_thread
+from .._util.threads import one_blas_thread
 
 with warnings.catch_warnings():  # cma warns at import when matplotlib is absent; we never plot
     warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
@@ -26,8 +26,8 @@ __all__ = ["CMAESPromptSearch", "projection_matrix"]
 # CMA-ES decomposes a d x d covariance every few generations (d = 512) and the projection
 # multiplies (popsize, d) by (d, n_ctx * dim): one BLAS thread does each in milliseconds, while
 # threads that spin on after the call (or wait for a core on a busy machine) cost far more.
-# ask, tell and offsets run under skcarrot._threads.one_blas_thread, which a fit may hold
-# throughout (skcarrot._threads.fit_threads): then entering it here costs a counter.
+# ask, tell and offsets run under skcarrot._util.threads.one_blas_thread, which a fit may hold
+# throughout (skcarrot._util.threads.fit_threads): then entering it here costs a counter.
 _STREAM_LOCK = threading.Lock()
 
 

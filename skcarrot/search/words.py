@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils import check_random_state
 
-from .._math import logsumexp, softmax
+from .._util.math import logsumexp, softmax
 from ..backends._template import DEFAULT_TEMPLATE
 
 __all__ = ["TextPromptSearch", "coordinate_losses", "cross_entropy_fitness", "screening_margin", "tokenizer_words"]

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._math import logsumexp
+from ..._util.math import logsumexp
 from ...exceptions import (
     QueryBudgetExceededError,
     RemoteAuthenticationError,

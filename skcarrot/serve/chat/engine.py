@@ -124,7 +124,7 @@ class ChatEngine:
 
     @staticmethod
     def _pixels(images) -> torch.Tensor:
-        from ...pretrain import _resize_all, _to_model_input
+        from ...tools.pretrain import _resize_all, _to_model_input
 
         arrays = np.stack([np.asarray(img.convert("L")) if img.size == (32, 32) else
                            np.asarray(img.convert("L").resize((32, 32), 3)) for img in images])

@@ -91,7 +91,7 @@ def _sample(rng, n_classes_pool, tokenizer):
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:
-    from ...pretrain import _resize_all
+    from ...tools.pretrain import _resize_all
 
     return _resize_all(images)
 
@@ -101,7 +101,7 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 64, seed: int
     """Train and write the weights (fp16 safetensors) to ``out``; returns what was measured."""
     from safetensors.torch import save_file
 
-    from ...pretrain import _augment, _to_model_input, opencv_digits_split
+    from ...tools.pretrain import _augment, _to_model_input, opencv_digits_split
 
     torch.manual_seed(seed)
     rng = np.random.RandomState(seed)

@@ -41,7 +41,7 @@ def draw_per_class(
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._split import draw_per_class
+    >>> from skcarrot._util.split import draw_per_class
     >>> y = np.repeat([0, 1], 5)
     >>> idx = draw_per_class(y, 2, np.random.RandomState(0))
     >>> y[idx].tolist()
@@ -78,7 +78,7 @@ def stratified_holdout(
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._split import stratified_holdout
+    >>> from skcarrot._util.split import stratified_holdout
     >>> train, val = stratified_holdout(np.repeat([0, 1], 10), 0.1, np.random.RandomState(0))
     >>> len(train), len(val), sorted(int(c) for c in np.repeat([0, 1], 10)[val])
     (18, 2, [0, 1])
@@ -100,7 +100,7 @@ def stratified_folds(y: np.ndarray, k: int, rng: np.random.RandomState) -> np.nd
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._split import stratified_folds
+    >>> from skcarrot._util.split import stratified_folds
     >>> y = np.repeat([0, 1], 4)
     >>> folds = stratified_folds(y, 2, np.random.RandomState(0))
     >>> [sorted(y[folds == f].tolist()) for f in (0, 1)]

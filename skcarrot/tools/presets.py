@@ -72,7 +72,7 @@ def budget_for_shots(n_shots: int, dataset: str | None = None) -> int:
 
     Examples
     --------
-    >>> from skcarrot.presets import budget_for_shots
+    >>> from skcarrot.tools.presets import budget_for_shots
     >>> [budget_for_shots(k) for k in (1, 2, 4, 8, 16)]
     [2000, 4000, 4000, 8000, 8000]
     >>> [budget_for_shots(k, "imagenet") for k in (1, 2, 4, 8, 16)]
@@ -90,7 +90,7 @@ def preset_params(dataset: str, n_shots: int) -> dict:
 
     Examples
     --------
-    >>> from skcarrot.presets import preset_params
+    >>> from skcarrot.tools.presets import preset_params
     >>> p = preset_params("eurosat", 4)
     >>> p["query_budget"], p["sigma"], p["consistency_weight"], p["fresh_views"]
     (4000, 0.02, 0.01, True)

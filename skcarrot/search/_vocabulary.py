@@ -1,6 +1,6 @@
 """The concepts the embedded model learned, and a warning for class names outside them.
 
-The embedded micro CLIP (see :mod:`skcarrot.pretrain`) saw captions of
+The embedded micro CLIP (see :mod:`skcarrot.tools.pretrain`) saw captions of
 handwritten digits and of the ten Fashion-MNIST clothing classes, nothing else.
 A class name outside those words gives it a near-random zero-shot start that
 prompt tuning cannot repair: :func:`warn_if_unknown_to` says so, and what to
@@ -55,14 +55,14 @@ def embedded_vocabulary() -> frozenset[str]:
 
     Examples
     --------
-    >>> from skcarrot._vocabulary import embedded_vocabulary
+    >>> from skcarrot.search._vocabulary import embedded_vocabulary
     >>> {"7", "seven", "the digit 7", "sneaker", "ankle boot", "t-shirt/top"} <= embedded_vocabulary()
     True
     >>> "cat" in embedded_vocabulary()
     False
     """
-    from .datasets.offline import DIGIT_WORDS, FASHION_CLASSES
-    from .pretrain import DIGIT_TEMPLATES, FASHION_TEMPLATES
+    from ..datasets.offline import DIGIT_WORDS, FASHION_CLASSES
+    from ..tools.pretrain import DIGIT_TEMPLATES, FASHION_TEMPLATES
 
     known = set()
     for digit, word in enumerate(DIGIT_WORDS):
@@ -87,7 +87,7 @@ def unknown_class_names(class_names: Sequence[Any]) -> list[str]:
 
     Examples
     --------
-    >>> from skcarrot._vocabulary import unknown_class_names
+    >>> from skcarrot.search._vocabulary import unknown_class_names
     >>> unknown_class_names(["cat", "7", "Sneaker", "ankle_boot", "dog"])
     ['cat', 'dog']
     """
@@ -96,8 +96,8 @@ def unknown_class_names(class_names: Sequence[Any]) -> list[str]:
 
 
 def _is_embedded(backend: Any) -> bool:
-    from .backends.embedded import EMBEDDED_MODEL, OpenCLIPTextBackend
-    from .backends.openclip import OpenCLIPBackend
+    from ..backends.embedded import EMBEDDED_MODEL, OpenCLIPTextBackend
+    from ..backends.openclip import OpenCLIPBackend
 
     if isinstance(backend, OpenCLIPTextBackend):
         inner = backend.backend
@@ -134,7 +134,7 @@ def warn_if_unknown_to(backend: Any, class_names: Sequence[Any], stacklevel: int
     --------
     >>> import warnings
     >>> from skcarrot.backends import ToyBackend, embedded_backend
-    >>> from skcarrot._vocabulary import warn_if_unknown_to
+    >>> from skcarrot.search._vocabulary import warn_if_unknown_to
     >>> with warnings.catch_warnings(record=True) as caught:
     ...     warnings.simplefilter("always")
     ...     warn_if_unknown_to(embedded_backend(), ["cat", "dog"])

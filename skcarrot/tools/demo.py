@@ -10,8 +10,8 @@ from typing import Any
 import joblib
 import numpy as np
 
-from .classifier import CarrotClassifier
-from .datasets import few_shot_split, load_digit_images
+from ..classifier import CarrotClassifier
+from ..datasets import few_shot_split, load_digit_images
 from .presets import METHODS
 
 __all__ = ["digits_few_shot", "run_demo"]
@@ -22,7 +22,7 @@ def digits_few_shot(n_shots: int = 16, seed: int = 0) -> tuple[np.ndarray, np.nd
 
     Examples
     --------
-    >>> from skcarrot.demo import digits_few_shot
+    >>> from skcarrot.tools.demo import digits_few_shot
     >>> Xtr, ytr, Xte, yte = digits_few_shot(4, seed=0)
     >>> Xtr.shape, Xtr.dtype, len(Xte)
     ((40, 8, 8), dtype('uint8'), 1757)
@@ -70,7 +70,7 @@ def run_demo(
     Examples
     --------
     >>> import tempfile
-    >>> from skcarrot.demo import run_demo
+    >>> from skcarrot.tools.demo import run_demo
     >>> run_demo(query_budget=43, n_shots=2, out_dir=tempfile.mkdtemp())  # doctest: +ELLIPSIS
     model: the embedded skcarrot-micro-clip
     ...

@@ -89,7 +89,7 @@ def one_blas_thread() -> Iterator[None]:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._threads import one_blas_thread
+    >>> from skcarrot._util.threads import one_blas_thread
     >>> with one_blas_thread():
     ...     float(np.ones((2, 2)) @ np.ones(2) @ np.ones(2))
     4.0
@@ -139,7 +139,7 @@ def fit_threads() -> Iterator[None]:
     Examples
     --------
     >>> import torch
-    >>> from skcarrot._threads import fit_threads, threads_for
+    >>> from skcarrot._util.threads import fit_threads, threads_for
     >>> before = torch.get_num_threads()
     >>> with fit_threads():
     ...     torch.get_num_threads(), threads_for(1e6), threads_for(1e12) == before

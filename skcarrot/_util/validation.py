@@ -3,7 +3,7 @@
 - training sets: :func:`check_images_and_labels`, :func:`resolve_class_names`;
 - what crosses the door: :func:`check_offsets`, :func:`check_logits` (a backend's members are
   checked in :mod:`skcarrot.backends._base`);
-- :func:`softmax` (:func:`skcarrot._math.softmax`) is re-exported.
+- :func:`softmax` (:func:`skcarrot._util.math.softmax`) is re-exported.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 from sklearn.utils import column_or_1d
 from sklearn.utils.multiclass import check_classification_targets
 
-from ._math import softmax
-from .images import to_pil_images
+from .math import softmax
+from ..images import to_pil_images
 
 __all__ = [
     "check_images_and_labels",
@@ -37,7 +37,7 @@ def check_images_and_labels(X, y, image_range=None) -> tuple[list, np.ndarray, n
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._validation import check_images_and_labels
+    >>> from skcarrot._util.validation import check_images_and_labels
     >>> images, classes, y_idx = check_images_and_labels(np.zeros((3, 4, 4), np.uint8), ["b", "a", "b"])
     >>> len(images), [str(c) for c in classes], [int(i) for i in y_idx]
     (3, ['a', 'b'], [1, 0, 1])
@@ -84,7 +84,7 @@ def resolve_class_names(names, classes: np.ndarray) -> list[str]:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._validation import resolve_class_names
+    >>> from skcarrot._util.validation import resolve_class_names
     >>> resolve_class_names(["zero", "one"], np.array([0, 1]))
     ['zero', 'one']
     >>> resolve_class_names({0: "cat", 1: "cat"}, np.array([0, 1]))
@@ -115,7 +115,7 @@ def check_offsets(offsets: Any, context_shape: tuple[int, int]) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._validation import check_offsets
+    >>> from skcarrot._util.validation import check_offsets
     >>> check_offsets(np.zeros((2, 1, 3)), (1, 3)).shape
     (2, 1, 3)
     >>> check_offsets(np.zeros((1, 3)), (1, 3))
@@ -143,7 +143,7 @@ def check_logits(logits: Any, expected: tuple[int, int, int], backend: Any) -> n
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._validation import check_logits
+    >>> from skcarrot._util.validation import check_logits
     >>> check_logits(np.zeros((1, 2, 3)), (1, 2, 3), object()).shape
     (1, 2, 3)
     >>> check_logits(np.full((1, 1, 2), np.nan), (1, 1, 2), object())

@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from ._progress import progress_bar
-from .datasets.benchmark import (
+from .._util.progress import progress_bar
+from ..datasets.benchmark import (
     DATASETS,
     IMAGENET_VARIANTS,
     load_benchmark,
     sample_few_shot,
 )
-from .backends.models import open_model
+from ..backends.models import open_model
 from .presets import PRESETS, SETTINGS, preset_params
 
 __all__ = ["METHODS", "BenchError", "cell_path", "make_estimator", "paper_numbers", "plan_cells", "read_cells",
@@ -65,7 +65,7 @@ def paper_numbers() -> dict:
 
     Examples
     --------
-    >>> from skcarrot.bench import paper_numbers
+    >>> from skcarrot.tools.bench import paper_numbers
     >>> paper_numbers()["zeroshot"]["eurosat"]
     37.56
     """
@@ -79,7 +79,7 @@ def make_estimator(method: str, dataset: str, n_shots: int, seed: int, backend: 
 
     Examples
     --------
-    >>> from skcarrot.bench import make_estimator
+    >>> from skcarrot.tools.bench import make_estimator
     >>> est = make_estimator("bbt", "eurosat", 4, seed=1, backend=None, classnames=["a", "b"])
     >>> est.query_budget, est.sigma, est.refinement
     (4000, 0.02, False)
@@ -87,7 +87,7 @@ def make_estimator(method: str, dataset: str, n_shots: int, seed: int, backend: 
     'crop+flip'
     """
     from .baselines import CoOpClassifier, LinearProbeClassifier, TipAdapterClassifier
-    from .classifier import CarrotClassifier
+    from ..classifier import CarrotClassifier
 
     if method in SETTINGS:
         params = preset_params(dataset, n_shots)
@@ -115,7 +115,7 @@ def cell_path(out: str | Path, dataset: str, shots: int, seed: int, method: str)
 
     Examples
     --------
-    >>> from skcarrot.bench import cell_path
+    >>> from skcarrot.tools.bench import cell_path
     >>> cell_path("paper", "eurosat", 16, 1, "carrot").as_posix()
     'paper/cells/eurosat-16shot-seed1-carrot.json'
     """
@@ -138,7 +138,7 @@ def read_cells(out: str | Path) -> dict[tuple, dict]:
     Examples
     --------
     >>> import tempfile
-    >>> from skcarrot.bench import read_cells
+    >>> from skcarrot.tools.bench import read_cells
     >>> read_cells(tempfile.mkdtemp())
     {}
     """
@@ -202,7 +202,7 @@ def plan_cells(datasets: list[str], shots: list[int], seeds: list[int], methods:
 
     Examples
     --------
-    >>> from skcarrot.bench import plan_cells
+    >>> from skcarrot.tools.bench import plan_cells
     >>> plan_cells(["eurosat", "imagenet_a"], [1], [1, 2], ["zeroshot"])
     [('eurosat', ('eurosat',), 1, 1, 'zeroshot'), ('eurosat', ('eurosat',), 1, 2, 'zeroshot'), \
 ('imagenet', ('imagenet_a',), 1, 1, 'zeroshot'), ('imagenet', ('imagenet_a',), 1, 2, 'zeroshot')]
@@ -250,7 +250,7 @@ def run_cell(cell: tuple, *, root: str | None, out: str | Path, model: str | Non
     Examples
     --------
     >>> import tempfile
-    >>> from skcarrot.bench import run_cell
+    >>> from skcarrot.tools.bench import run_cell
     >>> [row] = run_cell(("digits", ("digits",), 1, 1, "zeroshot"), root=None, out=tempfile.mkdtemp())
     >>> row["method"], row["queries"], row["fitted_on"]
     ('zeroshot', 0, 'digits')
@@ -426,7 +426,7 @@ def run_bench(
     Examples
     --------
     >>> import tempfile
-    >>> from skcarrot.bench import run_bench
+    >>> from skcarrot.tools.bench import run_bench
     >>> rows = run_bench(root=None, datasets=["digits"], shots=[1], seeds=[1], methods=["zeroshot"],
     ...                  out=tempfile.mkdtemp(), quiet=True)
     >>> rows[0]["method"], rows[0]["queries"]
@@ -518,7 +518,7 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
     --------
     >>> import tempfile
     >>> from pathlib import Path
-    >>> from skcarrot.bench import write_summary
+    >>> from skcarrot.tools.bench import write_summary
     >>> out = Path(tempfile.mkdtemp())
     >>> row = dict(dataset="eurosat", shots=1, seed=1, method="zeroshot", accuracy=40.0, queries=0, fit_seconds=0.1)
     >>> write_summary([row], out)
@@ -580,7 +580,7 @@ def list_text() -> str:
 
     Examples
     --------
-    >>> from skcarrot.bench import list_text
+    >>> from skcarrot.tools.bench import list_text
     >>> list_text().splitlines()[0]
     'datasets:'
     """

@@ -35,12 +35,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._threads import torch_threads
-from ._predict import ImageClassifierMixin
-from ._split import stratified_holdout
-from ._validation import check_images_and_labels, resolve_class_names, softmax
-from .backends.embedded import resolve_backend
-from .images import AUGMENTATIONS, augment_all, to_pil_images
+from .._util.threads import torch_threads
+from .._util.predict import ImageClassifierMixin
+from .._util.split import stratified_holdout
+from .._util.validation import check_images_and_labels, resolve_class_names, softmax
+from ..backends.embedded import resolve_backend
+from ..images import AUGMENTATIONS, augment_all, to_pil_images
 
 __all__ = ["CoOpClassifier", "LinearProbeClassifier", "TipAdapterClassifier", "coop_epochs"]
 
@@ -56,7 +56,7 @@ def coop_epochs(n_shots: int) -> int:
 
     Examples
     --------
-    >>> from skcarrot.baselines import coop_epochs
+    >>> from skcarrot.tools.baselines import coop_epochs
     >>> [coop_epochs(k) for k in (1, 2, 4, 8, 16)]
     [50, 100, 100, 200, 200]
     """
@@ -173,7 +173,7 @@ class CoOpClassifier(_WhiteBoxBase):
 
     Examples
     --------
-    >>> from skcarrot.baselines import CoOpClassifier
+    >>> from skcarrot.tools.baselines import CoOpClassifier
     >>> from skcarrot.datasets import few_shot_split, load_digit_images
     >>> X, y = load_digit_images()
     >>> Xtr, ytr, Xte, yte = few_shot_split(X, y, 4, seed=0)
@@ -292,7 +292,7 @@ class LinearProbeClassifier(_WhiteBoxBase):
 
     Examples
     --------
-    >>> from skcarrot.baselines import LinearProbeClassifier
+    >>> from skcarrot.tools.baselines import LinearProbeClassifier
     >>> from skcarrot.datasets import few_shot_split, load_digit_images
     >>> X, y = load_digit_images()
     >>> Xtr, ytr, Xte, yte = few_shot_split(X, y, 4, seed=0)
@@ -430,7 +430,7 @@ class TipAdapterClassifier(_WhiteBoxBase):
 
     Examples
     --------
-    >>> from skcarrot.baselines import TipAdapterClassifier
+    >>> from skcarrot.tools.baselines import TipAdapterClassifier
     >>> from skcarrot.datasets import few_shot_split, load_digit_images
     >>> X, y = load_digit_images()
     >>> Xtr, ytr, Xte, yte = few_shot_split(X, y, 4, seed=0)

@@ -9,7 +9,7 @@ Data (Debian/Ubuntu)::
 
 Regenerate the shipped weights (about 15 minutes on 2 CPU cores)::
 
-    python -m skcarrot.pretrain --out skcarrot/weights/skcarrot-micro-clip.safetensors
+    python -m skcarrot.tools.pretrain --out skcarrot/weights/skcarrot-micro-clip.safetensors
 
 The loss is CLIP's symmetric InfoNCE with every same-class pair counted as a
 positive (captions are templated, so a batch holds many captions of one class).
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backends.models import DEFAULT_TEMPLATE, EMBEDDED_MODEL
-from .datasets import (
+from ..backends.models import DEFAULT_TEMPLATE, EMBEDDED_MODEL
+from ..datasets import (
     DIGIT_WORDS,
     FASHION_CLASSES,
     load_fashion_mnist,
@@ -168,7 +168,7 @@ def pretrain(
     --------
     >>> import os, tempfile
     >>> import numpy as np
-    >>> from skcarrot.pretrain import pretrain
+    >>> from skcarrot.tools.pretrain import pretrain
     >>> rng = np.random.RandomState(0)
     >>> tiny = (rng.randint(0, 256, (8, 20, 20), dtype=np.uint8), np.arange(8) % 10,
     ...         rng.randint(0, 256, (8, 28, 28), dtype=np.uint8), np.arange(8) % 10)
@@ -180,7 +180,7 @@ def pretrain(
     import open_clip
     from safetensors.torch import save_file
 
-    from .backends import register_model_configs
+    from ..backends import register_model_configs
 
     register_model_configs()
     torch.manual_seed(seed)
@@ -256,7 +256,7 @@ def pretrain(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m skcarrot.pretrain``: train and save the embedded model."""
+    """``python -m skcarrot.tools.pretrain``: train and save the embedded model."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).parent / "weights" / f"{MODEL_NAME}.safetensors"))
     parser.add_argument("--steps", type=int, default=2400)

@@ -8,8 +8,8 @@ import numpy as np
 from sklearn.base import ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._math import softmax
-from .images import flat_width, to_pil_images
+from .math import softmax
+from ..images import flat_width, to_pil_images
 
 __all__ = ["ImageClassifierMixin"]
 

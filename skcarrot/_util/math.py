@@ -13,7 +13,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._math import softmax
+    >>> from skcarrot._util.math import softmax
     >>> softmax(np.array([[0.0, 0.0], [1000.0, 0.0]])).round(3)
     array([[0.5, 0.5],
            [1. , 0. ]])
@@ -29,7 +29,7 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._math import log_softmax
+    >>> from skcarrot._util.math import log_softmax
     >>> np.exp(log_softmax(np.array([[0.0, 0.0], [1000.0, 0.0]]))).round(3)
     array([[0.5, 0.5],
            [1. , 0. ]])
@@ -44,7 +44,7 @@ def logsumexp(z: np.ndarray, axis: int = -1) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> from skcarrot._math import logsumexp
+    >>> from skcarrot._util.math import logsumexp
     >>> float(logsumexp(np.array([1000.0, 1000.0])) - 1000.0).__round__(4)
     0.6931
     """

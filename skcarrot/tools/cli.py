@@ -20,8 +20,8 @@ import argparse
 import os
 import sys
 
-from . import __version__
-from .backends.models import DEFAULT_TEMPLATE
+from .. import __version__
+from ..backends.models import DEFAULT_TEMPLATE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Examples
     --------
-    >>> from skcarrot.cli import main
+    >>> from skcarrot.tools.cli import main
     >>> main(["bench", "--list"])  # doctest: +ELLIPSIS
     datasets:
     ...
@@ -152,8 +152,8 @@ def _serve(args) -> int:
     try:
         import uvicorn
 
-        from .serve.config import db_url_from_env, export_worker_env, settings_from_env
-        from .serve.ledger import Ledger
+        from ..serve.config import db_url_from_env, export_worker_env, settings_from_env
+        from ..serve.ledger import Ledger
     except ImportError as exc:
         print(f"skcarrot serve: error: {exc}; install the extra: pip install 'skcarrot[serve]'", file=sys.stderr)
         return 2
@@ -166,14 +166,14 @@ def _serve(args) -> int:
     except Exception as exc:  # noqa: BLE001 - any database error is reported the same way
         print(f"skcarrot serve: error: cannot open the ledger {db!r}: {exc}", file=sys.stderr)
         return 2
-    from .backends.models import open_model
+    from ..backends.models import open_model
 
     try:  # a name the server can not load fails here, before it listens, as the estimator's would
         open_model(args.model, args.pretrained, template=args.template, device=args.device, check=True)
     except (ValueError, OSError) as exc:
         print(f"skcarrot serve: error: {exc}", file=sys.stderr)
         return 2
-    from .serve.chat.engine import CHAT_OFF, CHAT_WEIGHTS
+    from ..serve.chat.engine import CHAT_OFF, CHAT_WEIGHTS
 
     chat = args.chat_weights
     if chat not in (CHAT_OFF, "random") and not os.path.isfile(chat or CHAT_WEIGHTS):
@@ -189,7 +189,7 @@ def _serve(args) -> int:
     if args.workers > 1:
         # A key's slots are held per process: each worker gets its share of the limit, so the
         # key holds at most max(limit, workers) across them all.
-        from .serve.concurrency import per_worker_slots
+        from ..serve.concurrency import per_worker_slots
 
         limit = settings_from_env().max_concurrent_per_key
         os.environ["SKCARROT_MAX_CONCURRENT_PER_KEY"] = str(per_worker_slots(limit, args.workers))
@@ -206,7 +206,7 @@ def uvicorn_limits(settings) -> dict:
 
     Examples
     --------
-    >>> from skcarrot.cli import uvicorn_limits
+    >>> from skcarrot.tools.cli import uvicorn_limits
     >>> from skcarrot.serve import Settings
     >>> uvicorn_limits(Settings(db_url="sqlite://", max_header_bytes=8192))
     {'http': 'h11', 'h11_max_incomplete_event_size': 16384}
@@ -216,8 +216,8 @@ def uvicorn_limits(settings) -> dict:
 
 def _keys(args, keys_parser) -> int:
     try:
-        from .serve.config import db_url_from_env
-        from .serve.ledger import Ledger
+        from ..serve.config import db_url_from_env
+        from ..serve.ledger import Ledger
     except ImportError as exc:
         print(f"skcarrot keys: error: {exc}; install the extra: pip install 'skcarrot[serve]'", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""Shared private helpers: numerics, progress, threads, splits, input checks, the predict mixin."""
