@@ -208,7 +208,7 @@ def main():
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--budget", type=int, default=None, help="query_budget of every fit (default: the door's)")
     parser.add_argument("--paper-budgets", action="store_true",
-                        help="the paper's budget for the shots (skcarrot.presets.budget_for_shots), as calls")
+                        help="the paper's budget for the shots (skcarrot.tools.presets.budget_for_shots), as calls")
     parser.add_argument("--out", default="bench_output/chat_door")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--plot", default=None)
@@ -228,7 +228,7 @@ def main():
             for i, (task, shots, seed, method) in enumerate(todo, 1):
                 budget = args.budget
                 if args.paper_budgets:
-                    from skcarrot.presets import budget_for_shots
+                    from skcarrot.tools.presets import budget_for_shots
 
                     budget = budget_for_shots(shots)
                 r = run_cell(args.out, url, task, shots, seed, method, budget)
