@@ -201,12 +201,26 @@ def _with_real_images(case, ids, files):
         body["inputs"] = files[len(body["inputs"]) % len(files)]
     if isinstance(body.get("images"), list):
         body["images"] = [files[i % len(files)] for i in range(len(body["images"]))]
+    if isinstance(body.get("messages"), list):  # a chat: the model served, images as data URLs
+        body["model"] = "skcarrot-micro-chat"
+        for message in body["messages"]:
+            for k, part in enumerate(message.get("content") if isinstance(message, dict) else ()):
+                if isinstance(part, dict) and isinstance(part.get("image_url"), dict):
+                    part["image_url"]["url"] = "data:image/png;base64," + files[k % len(files)]
 
 
 def _semantic(response) -> bool:
-    """A 422 whose every reason is one no schema can state."""
+    """A 422 whose every reason is one no schema can state (or a chat route's 400/404 for such a reason)."""
     from skcarrot.serve.openapi import SEMANTIC_REFUSALS
+    from skcarrot.serve.routers.chat import CHAT_SEMANTIC_REFUSALS
 
+    if response.status_code in (400, 404):
+        try:
+            code = response.json()["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            return False
+        # the chat routes' own reasons, and the server's 422 reasons in OpenAI's shape
+        return code in CHAT_SEMANTIC_REFUSALS or code in SEMANTIC_REFUSALS
     if response.status_code != 422:
         return False
     try:

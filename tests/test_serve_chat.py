@@ -140,7 +140,7 @@ def test_the_ledger_charges_one_query_per_call(served):
     (dict(model="gpt-4o"), 404, "model_not_found"),
     (dict(top_logprobs=21), 400, "integer_above_max_value"),
     (dict(max_completion_tokens=500), 400, "integer_above_max_value"),
-    (dict(n=2), 400, "unsupported_value"),
+    (dict(n=2), 400, "integer_above_max_value"),
     (dict(messages=user("x", "https://example.org/cat.png")), 400, "invalid_image_url"),
     (dict(messages=user("x", "data:image/png;base64,not-base64!")), 400, "invalid_image_url"),
     (dict(messages=user("x", "data:image/png;base64," + base64.b64encode(b"not an image").decode())), 400,

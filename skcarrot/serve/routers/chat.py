@@ -13,12 +13,12 @@ import base64
 import binascii
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..charging import CHARGED_ERRORS, ChargedRequestDep, Job
+from ..charging import ChargedRequestDep, Job
 from ..deps import CurrentKey
 from ..errors import ApiError
 from ..validation import ImageRefused, open_image
@@ -35,6 +35,43 @@ MAX_TOP_LOGPROBS = 20
 MAX_LOGPROB_TOKEN_IDS = 64
 
 
+#: The ``code`` of each 400/404 a request valid under the schema may still get (what no schema can state).
+CHAT_SEMANTIC_REFUSALS = frozenset({
+    "model_not_found",  # the model id is a string; which one is served, the server says (GET /v1/models)
+    "invalid_image_url",  # a URL the server does not fetch, or a data URL that is not base64
+    "invalid_image",  # bytes no image decoder reads, or an image over max_image_pixels
+    "image_too_large",  # an image over MAX_IMAGE_BYTES
+    "too_many_images",  # more images than the model reads, across all messages
+    "context_length_exceeded",  # text and images longer than the model's context, in positions
+    "logprobs_required",  # top_logprobs or logprob_token_ids without logprobs=true
+    "invalid_token_id",  # a logprob_token_ids entry past the model's vocabulary
+})
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error shape."""
+
+    error: OpenAIErrorBody
+
+
+_OPENAI_ERROR = {"model": OpenAIError}
+#: The refusals the chat routes document, in OpenAI's shape.
+CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {**_OPENAI_ERROR, "description": "Invalid request; `param` names the field, `code` the reason"},
+    401: {**_OPENAI_ERROR, "description": "Missing, unknown, revoked or rotated key"},
+    404: {**_OPENAI_ERROR, "description": "Model not served (`model_not_found`), or no chat model on this server"},
+    429: {**_OPENAI_ERROR, "description": "Rate limited or too many requests at once (see Retry-After), or the key's "
+          "budget is spent (`insufficient_quota`, not worth a retry)"},
+}
+
+
 class ChatError(ApiError):
     """A refusal in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
@@ -47,14 +84,24 @@ class ChatError(ApiError):
         return {"error": self.error}
 
 
+# pydantic's reasons as OpenAI names them
+_CODES = {"less_than_equal": "integer_above_max_value", "greater_than_equal": "integer_below_min_value",
+          "string_too_long": "string_above_max_length", "too_long": "array_above_max_length",
+          "too_short": "array_below_min_length", "missing": "missing_required_parameter"}
+
+
 def openai_error(status_code: int, body: dict, headers: dict | None = None) -> ChatError:
     """The OpenAI-shaped twin of one of the server's own refusals (for the chat routes)."""
     detail = body.get("detail")
     if isinstance(detail, list) and detail:
-        first = detail[0]
+        # of a union's branches, the one that says what is wrong rather than "not a string"
+        first = next((d for d in detail if not str(d.get("type", "")).endswith("_type")), detail[0])
         loc = [str(x) for x in first.get("loc", []) if x != "body"]
-        return ChatError(400, str(first.get("msg", "invalid request")), param=".".join(loc) or None,
-                         code=str(first.get("type", "invalid_value")))
+        param = ".".join(loc) or None
+        kind = str(first.get("type", "invalid_value"))
+        message = str(first.get("msg", "invalid request"))
+        return ChatError(400, f"Invalid value for '{param}': {message}" if param else message, param=param,
+                         code=_CODES.get(kind, kind))
     message = str(detail)
     if status_code == 401:
         return ChatError(401, f"Incorrect API key provided: {message}", code="invalid_api_key",
@@ -77,17 +124,25 @@ class ImageURL(BaseModel):
     detail: Literal["low", "high", "auto"] = "auto"
 
 
-class ContentPart(BaseModel):
+class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "image_url"]
-    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
-    image_url: ImageURL | None = None
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)]
 
 
 class ChatCompletionRequest(BaseModel):
@@ -97,13 +152,13 @@ class ChatCompletionRequest(BaseModel):
     model: str = Field(max_length=200)
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    n: int = 1
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_COMPLETION_TOKENS)
+    n: int = Field(default=1, ge=1, le=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     seed: int | None = None
-    logprob_token_ids: list[int] | None = Field(default=None, max_length=MAX_LOGPROB_TOKEN_IDS)
+    logprob_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=MAX_LOGPROB_TOKEN_IDS)
 
 
 def _models_list(engine) -> dict:
@@ -118,7 +173,7 @@ def _engine(request: Request):
     return engine
 
 
-@router.get("/v1/models", summary="The chat models served (OpenAI's list shape)")
+@router.get("/v1/models", responses=CHAT_ERRORS, summary="The chat models served (OpenAI's list shape)")
 async def list_models(request: Request, key: CurrentKey) -> dict:
     return _models_list(_engine(request))
 
@@ -132,7 +187,7 @@ def _decode_image(url: str, where: str, max_pixels: int):
         raise ChatError(400, f"{where}: the data URL must be base64 (data:image/png;base64,...)", param=where,
                         code="invalid_image_url")
     if len(data) > 4 * MAX_IMAGE_BYTES // 3 + 4:
-        raise ChatError(413, f"{where}: the image is over {MAX_IMAGE_BYTES} bytes; send a smaller image",
+        raise ChatError(400, f"{where}: the image is over {MAX_IMAGE_BYTES} bytes; send a smaller image",
                         param=where, code="image_too_large")
     try:
         raw = base64.b64decode(data, validate=True)
@@ -162,12 +217,8 @@ def _parse(body: ChatCompletionRequest, engine, max_pixels: int):
             for j, part in enumerate(content):
                 where = f"messages[{i}].content[{j}]"
                 if part.type == "text":
-                    if part.text is None:
-                        raise ChatError(400, f"{where}: a text part needs 'text'", param=where)
                     parts.append(part.text)
                 else:
-                    if part.image_url is None:
-                        raise ChatError(400, f"{where}: an image_url part needs 'image_url'", param=where)
                     n_images += 1
                     if n_images > engine.max_images:
                         raise ChatError(400, f"more than {engine.max_images} images in one request",
@@ -178,7 +229,7 @@ def _parse(body: ChatCompletionRequest, engine, max_pixels: int):
     return chat, details, n_images
 
 
-@router.post("/v1/chat/completions", responses=CHARGED_ERRORS,
+@router.post("/v1/chat/completions", responses=CHAT_ERRORS,
              summary="Chat completions, as OpenAI's API speaks it; 1 query per call")
 async def chat_completions(request: Request, body: ChatCompletionRequest, charged: ChargedRequestDep):
     """OpenAI's chat completion: the model's greedy answer, its log-probabilities and ``usage``.
@@ -193,7 +244,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, charge
     if body.n != 1:
         raise ChatError(400, "only n=1 is supported", param="n", code="unsupported_value")
     if body.top_logprobs is not None and not body.logprobs:
-        raise ChatError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        raise ChatError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="logprobs_required")
     top = body.top_logprobs or 0
     if top > MAX_TOP_LOGPROBS:
         raise ChatError(400, f"Invalid value for 'top_logprobs': must be less than or equal to {MAX_TOP_LOGPROBS}.",
@@ -205,9 +256,12 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, charge
     token_ids = body.logprob_token_ids
     if token_ids:
         vocab = len(engine.tokenizer.encoder)
-        if not body.logprobs or any(t < 0 or t >= vocab for t in token_ids):
-            raise ChatError(400, f"logprob_token_ids need logprobs=true and ids in [0, {vocab})",
-                            param="logprob_token_ids")
+        if not body.logprobs:
+            raise ChatError(400, "logprob_token_ids need logprobs=true", param="logprob_token_ids",
+                            code="logprobs_required")
+        if any(t >= vocab for t in token_ids):
+            raise ChatError(400, f"logprob_token_ids must be token ids in [0, {vocab})", param="logprob_token_ids",
+                            code="invalid_token_id")
 
     def prepare() -> Job:
         chat, details, n_images = _parse(body, engine, settings.max_image_pixels)
