@@ -149,6 +149,7 @@ def test_the_ledger_charges_one_query_per_call(served):
     (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "x"}] * 40}]), 400,
      "array_above_max_length"),
     (dict(messages=user("x" * 3000, digit_url())), 400, "context_length_exceeded"),
+    (dict(messages=[{"role": "user", "content": "x " * 1500}] * 3), 400, "context_length_exceeded"),
     (dict(messages=[]), 400, None),
 ])
 def test_bad_requests_get_openai_errors_and_cost_nothing(served, change, status, code):

@@ -226,6 +226,12 @@ def _parse(body: ChatCompletionRequest, engine, max_pixels: int):
                     parts.append(_decode_image(part.image_url.url, f"{where}.image_url.url", max_pixels))
                     details.append(part.image_url.detail)
         chat.append(("system" if message.role == "developer" else message.role, parts))
+    # every character is at least a token's worth: past this the text can not fit the context anyway,
+    # and it is refused before the tokenizer spends time on it
+    total = sum(len(p) for _, parts in chat for p in parts if isinstance(p, str))
+    if total > MAX_TEXT_CHARS:
+        raise ChatError(400, f"the messages hold {total} characters of text, more than the {MAX_TEXT_CHARS} a "
+                        "request may", param="messages", code="context_length_exceeded")
     return chat, details, n_images
 
 
