@@ -23,13 +23,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def batch_calibrate(log_probs):
-    """Each option's mean log-probability over the batch subtracted, then renormalised."""
-    from skcarrot._util.math import log_softmax
-
-    return log_softmax(log_probs - log_probs.mean(axis=0, keepdims=True))
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=600)
@@ -39,7 +32,7 @@ def main():
     from servekit import thread_server
 
     from skcarrot.backends import ChatVLMBackend
-    from skcarrot.backends.remote.chat import DEFAULT_INSTRUCTION
+    from skcarrot.backends.remote.chat import DEFAULT_INSTRUCTION, batch_calibrate
     from skcarrot.datasets import load_digit_images
     from skcarrot.images import to_pil_images
     from skcarrot.serve import Settings, create_app

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..backends._base import check_method
+from ..backends.remote.chat import DEFAULT_INSTRUCTION
 from ..search.instructions import INSTRUCTIONS, InstructionSearch, description_variants
 from ._base import Door
 
@@ -80,7 +81,7 @@ class ChatDoor(Door):
         return str(instruction), [str(d) for d in descriptions]
 
     def zero_shot_prompt(self) -> tuple:
-        instruction = getattr(self.backend, "instruction", None) or INSTRUCTIONS[0]
+        instruction = getattr(self.backend, "instruction", None) or DEFAULT_INSTRUCTION
         return instruction, list(self.class_names)
 
     def build_search(self, settings: Any, seeds: dict, start: Any) -> InstructionSearch | None:

@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.remote.chat import DEFAULT_INSTRUCTION
+from ..datasets import DIGIT_WORDS
 from .words import TextPromptSearch, cross_entropy_fitness
 
 __all__ = ["InstructionSearch", "INSTRUCTIONS", "description_variants", "halving_rounds"]
 
 #: Instructions screened by default (the first is the zero-shot prompt's).
 INSTRUCTIONS = (
-    "Which option describes the image? Answer with the letter.",
+    DEFAULT_INSTRUCTION,
     "What is shown in the picture? Reply with one letter.",
     "Choose the label of this image.",
     "Look at the image and pick the right option.",
@@ -35,9 +37,6 @@ INSTRUCTIONS = (
     "Select the category of the object in the photo.",
     "What does this image show? Give the letter of the answer.",
 )
-
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
 
 def description_variants(name: str) -> list[str]:
     """Wordings of a class's option, its own name first.
@@ -51,11 +50,11 @@ def description_variants(name: str) -> list[str]:
     ['sandal', 'a sandal', 'the sandal']
     """
     name = str(name)
-    if name in _NUMBER_WORDS:
-        digit = str(_NUMBER_WORDS.index(name))
+    if name in DIGIT_WORDS:
+        digit = str(DIGIT_WORDS.index(name))
         return [name, digit, f"the digit {digit}", f"the number {name}"]
     if name.isdigit() and len(name) == 1:
-        word = _NUMBER_WORDS[int(name)]
+        word = DIGIT_WORDS[int(name)]
         return [name, word, f"the digit {name}", f"the number {word}"]
     return [name, f"a {name}", f"the {name}"]
 

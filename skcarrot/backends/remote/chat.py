@@ -25,9 +25,7 @@ Reading the answer (the rules the tests pin):
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import logging
 import math
 import os
@@ -53,7 +51,8 @@ from ...exceptions import (
     RemoteUnavailableError,
     RemoteValidationError,
 )
-from ...wire import hash_pixels, image_tokens
+from ...wire import image_content_id, image_tokens, png_base64
+from ._client import retry_after_seconds
 
 __all__ = ["ChatVLMBackend", "AnswerCache", "DEFAULT_INSTRUCTION", "batch_calibrate", "normalise_token",
            "option_log_probs", "combine_groups", "LogprobsUnavailableError", "default_cache_path"]
@@ -274,29 +273,19 @@ class AnswerCache:
             self._db.close()
 
 
-def _image_digest(image: Any) -> str:
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    return hash_pixels(hashlib.sha256(), rgb, f"rgb {rgb.size[0]}x{rgb.size[1]}\n").hexdigest()
-
-
 def _data_url(image: Any) -> str:
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    buf = io.BytesIO()
-    rgb.save(buf, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + png_base64(image)
 
 
 def _retry_after(exc: Any) -> float | None:
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) or {}
+    """The wait an answer asks for: OpenAI's ``retry-after-ms``, else ``Retry-After`` (seconds or an HTTP date)."""
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
     try:
         if "retry-after-ms" in headers:
             return float(headers["retry-after-ms"]) / 1000.0
-        if "retry-after" in headers:
-            return float(headers["retry-after"])
     except (TypeError, ValueError):
-        return None
-    return None
+        pass
+    return retry_after_seconds(headers.get("retry-after"))
 
 
 class ChatVLMBackend:
@@ -678,7 +667,7 @@ class ChatVLMBackend:
                              "top_logprobs (or max_options), or classify fewer classes")
         allowance = _Allowance(max_calls)
         urls: dict = {}
-        digests = [_image_digest(img) for img in images]
+        digests = [image_content_id(img) for img in images]
         # round 1: every image against every group (one call each)
         questions = [(i, list(range(a, b))) for i in range(len(images)) for a, b in groups]
         first = self._ask_all(images, digests, urls, instruction, descriptions, questions, allowance,
