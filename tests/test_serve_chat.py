@@ -87,6 +87,26 @@ def test_high_detail_bills_tiles(served):
     assert (low, big.usage.prompt_tokens_details.image_tokens) == (85, 85 + 170 * 4)
 
 
+def test_each_image_is_billed_by_its_own_detail_and_answered_as_if_sent_small(served):
+    _, base, key, _ = served
+    big = data_url(np.kron(np.eye(2) * 255, np.ones((300, 300))))  # 600 x 600
+    parts = [{"type": "text", "text": INSTRUCTION + " A. 3 B. 7"},
+             {"type": "image_url", "image_url": {"url": big, "detail": "low"}},
+             {"type": "image_url", "image_url": {"url": big, "detail": "high"}}]
+    r = client(base, key).chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": parts}],
+                                                  max_completion_tokens=1, logprobs=True, top_logprobs=3)
+    assert r.usage.prompt_tokens_details.image_tokens == 85 + 765
+    from skcarrot.serve.chat.engine import ChatEngine
+
+    small = ChatEngine.reduce(Image.open(io.BytesIO(base64.b64decode(big.split(",", 1)[1]))))
+    parts[1]["image_url"]["url"] = parts[2]["image_url"]["url"] = data_url(small)
+    same = client(base, key).chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": parts}],
+                                                     max_completion_tokens=1, logprobs=True, top_logprobs=3)
+    first = r.choices[0].logprobs.content[0].top_logprobs
+    assert [(t.token, t.logprob) for t in first] == [
+        (t.token, t.logprob) for t in same.choices[0].logprobs.content[0].top_logprobs]
+
+
 def test_option_letters_are_tokens_and_the_answer_follows_the_image(served):
     _, base, key, _ = served
     c = client(base, key)

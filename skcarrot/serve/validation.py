@@ -34,6 +34,7 @@ TOO_MUCH_WORK = "value_error.too_much_work"
 __all__ = [
     "ImageRefused",
     "open_image",
+    "open_reduced",
     "decode_upload",
     "check_count",
     "check_class_names",
@@ -155,6 +156,24 @@ def open_image(raw: bytes, max_pixels: int) -> Image.Image:
         raise ImageRefused(f"not an image file in an accepted format ({', '.join(_FORMATS)})") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's file
         raise ImageRefused(f"cannot decode the image file ({type(exc).__name__}: {_scrubbed(exc)})") from None
+
+
+def open_reduced(raw: bytes, max_pixels: int, reduce) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode one image file within the process's bound on images decoded at once, and reduce it there.
+
+    Returns ``(reduce(rgb), (width, height))``: the image as a model reads it, and the size it
+    was sent at. Only the reduced image outlives the decoding, so a request holds its images
+    at the model's size, whatever size they were sent at. Raises :class:`ImageRefused` as
+    :func:`open_image`.
+    """
+    with _DECODING:
+        rgb = open_image(raw, max_pixels)
+        size = rgb.size
+        small = reduce(rgb)
+        del rgb
+    if size[0] * size[1] >= _LARGE_PIXELS:
+        _give_back_memory()  # the full-size pixels are gone: let the process shrink again
+    return small, size
 
 
 def _png(image: Image.Image) -> bytes:

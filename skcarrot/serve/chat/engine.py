@@ -123,12 +123,15 @@ class ChatEngine:
         return len(images) * self.model.n_prefix + len(tokens)
 
     @staticmethod
-    def _pixels(images) -> torch.Tensor:
+    def reduce(image: Any) -> Any:
+        """The image as the model reads it: grayscale, 32x32 (bicubic); a server keeps only this."""
+        gray = image.convert("L")
+        return gray if gray.size == (32, 32) else gray.resize((32, 32), 3)
+
+    def _pixels(self, images) -> torch.Tensor:
         from ...tools.pretrain import _resize_all, _to_model_input
 
-        arrays = np.stack([np.asarray(img.convert("L")) if img.size == (32, 32) else
-                           np.asarray(img.convert("L").resize((32, 32), 3)) for img in images])
-        return _to_model_input(_resize_all(arrays))
+        return _to_model_input(_resize_all(np.stack([np.asarray(self.reduce(img)) for img in images])))
 
     # -- the forward pass ------------------------------------------------------------------------
     @torch.no_grad()
@@ -165,14 +168,18 @@ class ChatEngine:
         return prefixes, tokens
 
     def complete(self, chats: Sequence, *, max_tokens: int = 1, top_logprobs: int = 0,
-                 logprob_token_ids: Sequence[int] | None = None, details: Sequence[str] | None = None) -> list[Completion]:
+                 logprob_token_ids: Sequence[int] | None = None,
+                 billed_images: Sequence[int] | None = None) -> list[Completion]:
         """Greedy answers of ``chats``, up to ``max_tokens`` tokens each (ending early at the end-of-text token).
 
         ``top_logprobs`` alternatives are returned at each position; with ``logprob_token_ids``
-        those tokens' log-probabilities are returned instead (vLLM's extension). ``details``
-        gives each chat's image detail for billing (``"low"`` by default).
+        those tokens' log-probabilities are returned instead (vLLM's extension).
+        ``billed_images`` gives each chat's image tokens (a server bills the images as sent,
+        by their size and detail, before it reduces them); by default each image is billed at
+        low detail by its size here.
         """
         end = self.tokenizer.encoder.get("<end_of_text>")
+        end_text = self.token_text(end)
         out = []
         with self._lock:
             prefixes, token_lists = self._prepare(chats)
@@ -196,13 +203,14 @@ class ChatEngine:
                             finish = "stop"
                             break
                         generated.append(best)
-                images = [part for _, parts in chats[i] for part in parts if not isinstance(part, str)]
-                detail = (details[i] if details else None) or "low"
-                billed_images = sum(image_tokens(img.size[0], img.size[1], detail) for img in images)
-                text = "".join(r.token for r in records if r.token != self.token_text(end) if end is not None)
-                out.append(Completion(text=text.strip(), tokens=records, prompt_tokens=len(ids) + billed_images,
-                                      image_tokens=billed_images, completion_tokens=len(records),
-                                      finish_reason=finish))
+                if billed_images is None:
+                    images = [part for _, parts in chats[i] for part in parts if not isinstance(part, str)]
+                    billed = sum(image_tokens(img.size[0], img.size[1], "low") for img in images)
+                else:
+                    billed = int(billed_images[i])
+                text = "".join(r.token for r in records if r.token != end_text)
+                out.append(Completion(text=text.strip(), tokens=records, prompt_tokens=len(ids) + billed,
+                                      image_tokens=billed, completion_tokens=len(records), finish_reason=finish))
         return out
 
 

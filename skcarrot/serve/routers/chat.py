@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..charging import ChargedRequestDep, Job
 from ..deps import CurrentKey
 from ..errors import ApiError
-from ..validation import ImageRefused, open_image
+from ...wire import image_tokens
+from ..validation import ImageRefused, open_reduced
 
 router = APIRouter(tags=["chat"])
 
@@ -178,7 +179,8 @@ async def list_models(request: Request, key: CurrentKey) -> dict:
     return _models_list(_engine(request))
 
 
-def _decode_image(url: str, where: str, max_pixels: int):
+def _decode_image(url: str, where: str, max_pixels: int, reduce):
+    """``(image as the model reads it, size it was sent at)`` of a base64 data URL."""
     if not url.startswith("data:"):
         raise ChatError(400, f"{where}: only data URLs are accepted (data:image/png;base64,...); this server "
                         "fetches no URL", param=where, code="invalid_image_url")
@@ -194,14 +196,14 @@ def _decode_image(url: str, where: str, max_pixels: int):
     except (binascii.Error, ValueError):
         raise ChatError(400, f"{where}: not valid base64", param=where, code="invalid_image_url") from None
     try:
-        return open_image(raw, max_pixels)
+        return open_reduced(raw, max_pixels, reduce)
     except ImageRefused as exc:
         raise ChatError(400, f"{where}: {exc}", param=where, code="invalid_image") from None
 
 
 def _parse(body: ChatCompletionRequest, engine, max_pixels: int):
-    """``(chat, details, n_images)``: the messages as the engine reads them."""
-    chat, details, n_images = [], [], 0
+    """``(chat, billed_image_tokens, n_images)``: the messages as the engine reads them."""
+    chat, billed, n_images = [], 0, 0
     for i, message in enumerate(body.messages):
         parts = []
         content = message.content
@@ -223,8 +225,10 @@ def _parse(body: ChatCompletionRequest, engine, max_pixels: int):
                     if n_images > engine.max_images:
                         raise ChatError(400, f"more than {engine.max_images} images in one request",
                                         param=where, code="too_many_images")
-                    parts.append(_decode_image(part.image_url.url, f"{where}.image_url.url", max_pixels))
-                    details.append(part.image_url.detail)
+                    image, (width, height) = _decode_image(part.image_url.url, f"{where}.image_url.url",
+                                                           max_pixels, engine.reduce)
+                    parts.append(image)
+                    billed += image_tokens(width, height, part.image_url.detail)
         chat.append(("system" if message.role == "developer" else message.role, parts))
     # every character is at least a token's worth: past this the text can not fit the context anyway,
     # and it is refused before the tokenizer spends time on it
@@ -232,7 +236,7 @@ def _parse(body: ChatCompletionRequest, engine, max_pixels: int):
     if total > MAX_TEXT_CHARS:
         raise ChatError(400, f"the messages hold {total} characters of text, more than the {MAX_TEXT_CHARS} a "
                         "request may", param="messages", code="context_length_exceeded")
-    return chat, details, n_images
+    return chat, billed, n_images
 
 
 @router.post("/v1/chat/completions", responses=CHAT_ERRORS,
@@ -270,7 +274,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, charge
                             code="invalid_token_id")
 
     def prepare() -> Job:
-        chat, details, n_images = _parse(body, engine, settings.max_image_pixels)
+        chat, billed, n_images = _parse(body, engine, settings.max_image_pixels)
         try:
             engine.positions(chat)
         except ValueError as exc:
@@ -279,7 +283,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, charge
         def compute(remaining: int) -> dict:
             try:
                 done = engine.complete([chat], max_tokens=max_tokens, top_logprobs=top,
-                                       logprob_token_ids=token_ids, details=details)[0]
+                                       logprob_token_ids=token_ids, billed_images=[billed])[0]
             except ValueError as exc:
                 raise ChatError(400, str(exc), param="messages", code="context_length_exceeded") from None
             logprobs = None
