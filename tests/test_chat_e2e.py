@@ -73,3 +73,28 @@ def test_a_second_fit_with_the_cache_on_makes_no_call(served, digits, tmp_path):
     second.fit(Xtr[keep], ytr[keep])
     assert first.n_calls_ == 2 * keep.sum() and second.n_calls_ == 0 and spent(app, key_id) == before
     assert np.array_equal(first.predict_proba(Xtr[keep]), second.predict_proba(Xtr[keep]))
+
+
+@pytest.mark.slow
+def test_the_chat_door_at_its_defaults(served, digits, tmp_path, monkeypatch):
+    """CarrotClassifier(backend=ChatVLMBackend(...)) as shipped: 8000 calls, prompt_tuning="auto", the cache on."""
+    app, url, key_id = served
+    Xtr, ytr, Xte, yte = digits
+    monkeypatch.setenv("SKCARROT_CACHE_DIR", str(tmp_path))
+    backend = ChatVLMBackend(base_url=url, api_key_env=KEY_ENV)  # every other parameter at its default
+    clf = CarrotClassifier(backend=backend, class_names=NAMES, random_state=0)
+    before = spent(app, key_id)
+    clf.fit(Xtr, ytr)
+    assert clf.door_ == "chat" and clf.selection_["choice"] in ("zero-shot", "refine-only", "carrot")
+    # the ledger charged the calls; queries also count answers a fit read twice from the cache
+    assert spent(app, key_id) - before == clf.n_calls_ <= clf.n_queries_ <= 8000
+    if clf.selection_["choice"] != "carrot":  # the search did not pay: at most a quarter of the budget
+        assert clf.n_calls_ <= 2000
+    assert (tmp_path / "chat-answers.sqlite").is_file()
+    zero = CarrotClassifier(backend=chat_backend(url), class_names=NAMES, prompt_tuning=False, refinement=False,
+                            random_state=0).fit(Xtr, ytr)
+    assert clf.score(Xte, yte) >= zero.score(Xte, yte) + 0.03
+    again = CarrotClassifier(backend=ChatVLMBackend(base_url=url, api_key_env=KEY_ENV), class_names=NAMES,
+                             random_state=0).fit(Xtr, ytr)
+    assert again.n_calls_ == 0 and again.n_queries_ == clf.n_queries_ and again.selection_ == clf.selection_
+    assert np.array_equal(again.predict_proba(Xte[:20]), clf.predict_proba(Xte[:20]))

@@ -23,6 +23,7 @@ class DryRunBackend:
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.n_calls_ = 0
+        self.n_cached_ = 0  # a dry run reads no cache: every question is a call
         self.n_input_tokens_ = 0
         self.n_output_tokens_ = 0
         for name in ("returns", "context_shape", "template", "max_labels", "instruction"):

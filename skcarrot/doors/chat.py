@@ -19,8 +19,10 @@ class ChatDoor(Door):
 
     A prompt is ``(instruction, descriptions)``. Scoring it on ``N`` images costs ``N`` calls
     times the option groups of the classes (see
-    :class:`~skcarrot.backends.ChatVLMBackend`), and a query here *is* a call: the
-    budget caps calls, retries included; answers the backend's cache already holds cost none.
+    :class:`~skcarrot.backends.ChatVLMBackend`). A query here is a question asked: a call
+    (a retry too), or an answer the backend's cache already held, which costs no call and
+    counts all the same, so the plan does not depend on the cache. The budget caps queries,
+    so calls never pass it; ``n_calls_`` counts the calls sent.
     The prompt search is :class:`~skcarrot.search.instructions.InstructionSearch`, whose
     successive halving of instructions runs in :meth:`start`.
 
@@ -62,15 +64,21 @@ class ChatDoor(Door):
         return n_images * self.backend.calls_per_image(len(self.class_names))
 
     def score(self, images, prompts, purpose: str) -> np.ndarray:
-        """Log-probabilities ``(P, N, C)``: each prompt's calls, counted as they are sent (retries too)."""
+        """Log-probabilities ``(P, N, C)``; each prompt's queries counted as they are asked.
+
+        A query is a question asked: a call (a retry too) or an answer read from the cache.
+        Counting cached answers keeps a fit's plan and choices the same whatever the cache
+        held, so a refit on the same shots makes the same decisions and no call.
+        """
         counter, backend = self.counter, self.backend
         out = []
         for instruction, descriptions in prompts:
-            before = backend.n_calls_
+            calls, cached = backend.n_calls_, backend.n_cached_
             try:
                 out.append(backend.option_log_probs(images, instruction, descriptions, max_calls=counter.remaining))
             finally:
-                counter.charge(backend.n_calls_ - before, len(images), purpose)
+                asked = (backend.n_calls_ - calls) + (backend.n_cached_ - cached)
+                counter.charge(asked, len(images), purpose)
         return np.stack(out)
 
     def one(self, prompt) -> list:

@@ -642,8 +642,9 @@ class ChatVLMBackend:
         descriptions : sequence of str
             One description per class (its option's text), in column order.
         max_calls : int or None, default=None
-            Most calls (tries) this may send; a scoring that needs more is refused
-            before any call (:class:`~skcarrot.exceptions.QueryBudgetExceededError`),
+            Most queries this may count: calls (tries, retries included) and answers read
+            from the cache alike, so calls never pass it. A scoring that needs more is
+            refused before any call (:class:`~skcarrot.exceptions.QueryBudgetExceededError`),
             and retries that would pass it stop it (answers so far are cached).
 
         Raises
@@ -705,7 +706,10 @@ class ChatVLMBackend:
                     self.n_cached_ += 1
             else:
                 tasks.append((q, key))
-        allowance.check(len(tasks) + extra)
+        # an answer read from the cache counts as asked: a refit then plans and chooses as the fit that
+        # paid for it did, and calls nothing
+        allowance.check(len(questions) + extra)
+        allowance.spend(len(questions) - len(tasks))
         for q, _ in tasks:
             i = questions[q][0]
             if i not in urls:
@@ -778,7 +782,8 @@ class ChatVLMBackend:
 
 
 class _Allowance:
-    """The calls one scoring may still send (None: no cap), taken one try at a time, across threads."""
+    """The queries one scoring may still count (None: no cap): calls, taken one try at a time across
+    threads, and answers read from the cache."""
 
     def __init__(self, max_calls: int | None) -> None:
         self.left = max_calls
@@ -787,7 +792,14 @@ class _Allowance:
     def check(self, n: int) -> None:
         if self.left is not None and n > self.left:
             raise QueryBudgetExceededError(
-                f"scoring needs {n} chat calls and the budget has {self.left} left; no call was sent")
+                f"scoring needs {n} chat queries (calls or cached answers) and the budget has {self.left} left; "
+                "no call was sent")
+
+    def spend(self, n: int) -> None:
+        """Count ``n`` questions answered without a call (from the cache), already checked."""
+        with self._lock:
+            if self.left is not None:
+                self.left -= n
 
     def take(self) -> None:
         with self._lock:
