@@ -54,7 +54,7 @@ METHODS = (*FIXED, "default")
 KEY_ENV = "SKCARROT_CHAT_KEY"
 
 
-def serve(out):
+def serve():
     """``skcarrot serve`` on a fresh ledger with one key; ``(server, url)``. The key goes to ``KEY_ENV``."""
     from servekit import ServerProcess
 
@@ -222,7 +222,7 @@ def main():
     cells = [(t, k, s, m) for k in args.shots for s in args.seeds for t in args.tasks for m in args.methods]
     todo = [c for c in cells if not (Path(args.out) / "{}_{}_{}_{}.json".format(*c)).exists()]
     if todo and not args.summary_only:
-        server, url = serve(args.out)
+        server, url = serve()
         try:
             print(f"{len(todo)} of {len(cells)} cells to run against {url}", flush=True)
             for i, (task, shots, seed, method) in enumerate(todo, 1):
