@@ -101,10 +101,13 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         Adam learning rate of the refiner.
     batch_size : int, default=32
         Refiner mini-batch size.
-    n_views : int, default=8
+    n_views : int or "auto", default="auto"
         Size of the fixed view pool (the image itself and ``n_views - 1``
         augmentations) that the refiner trains on; each epoch draws one view
-        per image. Ignored when ``fresh_views=True``.
+        per image. Ignored when ``fresh_views=True``. ``"auto"`` is the door's
+        default: 8 on the embedding and text doors (one query scores the whole
+        pool), 2 on the chat door (each view is a call; measured there, 2 views
+        trained the refiner as well as 8 for a quarter of the calls).
     augmentation : {"crop", "crop+flip", "flip", "none"} or callable, default="crop"
         How views are made; a callable ``f(pil_image, rng) -> pil_image``
         is used as it is. Horizontal flips hurt on digits and text, hence off.
@@ -133,7 +136,10 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         the shots within a quarter of the budget, must beat it on the half it did
         not see by twice its standard error before the rest of the budget is
         spent; the choice is refitted on all shots (``selection_`` says what was
-        chosen and why). A warm start continues the previous fit's mode.
+        chosen and why). At the chat door a search on 2 shots a class comes
+        first, and its prompt replaces the hand-written one when the refiner
+        on it does better on the shots it did not see. A warm start continues
+        the previous fit's mode.
     refinement : bool, default=True
         Train the prediction refinement module (off: identity).
         With both off the estimator is zero-shot and ``fit`` spends no query.
@@ -262,7 +268,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         "hidden_dim": [Interval(Integral, 1, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "n_views": [Interval(Integral, 1, None, closed="left")],
+        "n_views": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "augmentation": [StrOptions(set(AUGMENTATIONS)), callable],
         "image_range": [None, tuple, list],
         "vocabulary": [None, Interval(Integral, 1, None, closed="left"), list, tuple, np.ndarray],
@@ -284,7 +290,7 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
     def __init__(
         self, *, backend=None, door="auto", class_names=None, query_budget="auto", popsize="auto",
         intrinsic_dim=512, sigma=1.0, bound=5.0, projection_std=0.2, consistency_weight=0.1,
-        consistency_fraction=0.25, hidden_dim=256, learning_rate=1e-3, batch_size=32, n_views=8,
+        consistency_fraction=0.25, hidden_dim=256, learning_rate=1e-3, batch_size=32, n_views="auto",
         augmentation="crop", fresh_views=False, image_range=None, vocabulary=None, prompt_tuning="auto",
         refinement=True, max_iter=None, early_stopping=False, validation_fraction=0.1, n_iter_no_change=None,
         tol=1e-4, checkpoint=None, checkpoint_every=10, random_state=None, verbose=0, warm_start=False,

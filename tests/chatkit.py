@@ -21,6 +21,7 @@ from PIL import Image
 from helpers import JSONHandler, LoopbackServer
 
 MODEL = "fake-vlm"
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 KEY = "sk-test-key"
 
 
@@ -35,6 +36,9 @@ class Script:
         self.errors_5xx = 0
         self.no_logprobs = False  # 400, as reasoning models answer
         self.no_option = False  # the top alternatives hold no option letter
+        # True: the model reads number words ("three", "the number three") right, and options written as
+        # digits ("3") only on half the images (the others get the next class): a wording a search can find
+        self.prefers_words = False
         self.lock = threading.Lock()
         self.requests = []
         self.answered = 0
@@ -53,16 +57,25 @@ def brightness(url):
     return float(np.asarray(Image.open(io.BytesIO(raw)).convert("L"), dtype=float).mean())
 
 
+def number(option):
+    """The class an option names: its last word, a digit or a number word ("3", "three", "the digit 3")."""
+    word = option.strip().split()[-1]
+    return int(word) if word.isdigit() else (WORDS.index(word) if word in WORDS else 99)
+
+
 def answer(body, script):
     """The fake model's top alternatives for one chat request."""
     parts = body["messages"][-1]["content"]
     text = next(p["text"] for p in parts if p["type"] == "text")
     url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
     letters = re.findall(r"(?:^|\s)([A-Z])\. ", text)
-    classes = [int(d) for d in re.findall(r"[A-Z]\. (\d+)", text)]
+    options = re.findall(r"(?:^|\s)[A-Z]\. (.+?)(?= [A-Z]\. |$)", text)
+    classes = [number(o) for o in options]
     level = brightness(url)
     # class k is the image of brightness 20 * k; the nearest class among the options wins
     right = int(np.argmin([abs(level - 20 * c) for c in classes])) if classes else 0
+    if script.prefers_words and options and options[right].strip()[-1].isdigit() and int(level) % 2:
+        right = (right + 1) % len(options)
     k = body.get("top_logprobs") or 0
     if script.alternatives is not None:
         k = min(k, script.alternatives)

@@ -146,6 +146,58 @@ def test_the_chat_door_is_picked_and_learns_the_shots(fake):
     assert proba.shape == (len(y_test), 4) and np.allclose(proba.sum(1), 1)
 
 
+def default_fit(url, X, y, **kw):
+    params = dict(backend=backend(url), class_names=NAMES, query_budget=4000, random_state=0)
+    params.update(kw)
+    return CarrotClassifier(**params).fit(X, y)
+
+
+def test_the_default_takes_the_prompt_a_search_on_a_few_shots_found_when_held_out_shots_prefer_it(fake):
+    # the model reads number words right and digits only on half the images: a wording worth finding
+    url, script = fake
+    script.prefers_words = True
+    X, y = shots(8)
+    X_test, y_test = shots(10, seed=1)
+    hand = CarrotClassifier(backend=backend(url), class_names=NAMES, prompt_tuning=False, early_stopping=False,
+                            random_state=0).fit(X, y)
+    clf = default_fit(url, X, y)
+    selection = clf.selection_
+    assert selection["prompt"] is not None and selection["prompt_gain"] > 0 and "replaces" in selection["reason"]
+    assert tuple(clf.prompt_) == tuple(selection["prompt"]) and clf.prompt_ != hand.prompt_
+    assert clf.score(X_test, y_test) >= hand.score(X_test, y_test) + 0.2
+    # step 0 and both view pools fit in the quarter: where the full search is not bought, a quarter is spent
+    if selection["choice"] != "carrot":
+        assert clf.n_calls_ == clf.n_queries_ <= 0.25 * 4000
+
+
+def test_the_default_keeps_the_hand_written_prompt_when_the_found_one_is_no_better(fake):
+    url, _ = fake  # every wording is read alike: nothing for the search to find
+    X, y = shots(8)
+    clf = default_fit(url, X, y)
+    selection = clf.selection_
+    assert selection["prompt"] is None and selection["prompt_gain"] <= 0
+    assert "hand-written prompt is kept" in selection["reason"] and clf.prompt_ == (DEFAULT_INSTRUCTION, NAMES)
+    assert selection["choice"] != "carrot" and clf.n_queries_ <= 0.25 * 4000
+
+
+def test_the_default_skips_the_few_shot_search_where_the_quarter_can_not_hold_it(fake):
+    url, _ = fake
+    X, y = shots(8)
+    clf = default_fit(url, X, y, n_views=8, query_budget=1000)  # two pools of 8 views: 512 calls of 250
+    assert clf.selection_["prompt"] is None and "do not fit in a quarter of the budget" in clf.selection_["reason"]
+    assert clf.prompt_ == (DEFAULT_INSTRUCTION, NAMES)
+
+
+def test_n_views_auto_is_two_views_at_the_chat_door(fake):
+    url, _ = fake
+    X, y = shots(3)
+    clf = CarrotClassifier(backend=backend(url), class_names=NAMES, prompt_tuning=False, early_stopping=False,
+                           max_iter=2, random_state=0)
+    assert clf.get_params()["n_views"] == "auto"
+    assert clf.fit(X, y).n_calls_ == 2 * len(y)  # the view pool, scored once
+    assert clf.set_params(n_views=3).fit(X, y).n_calls_ == 3 * len(y)
+
+
 def test_pipeline_grid_search_cross_validation_and_joblib(fake, tmp_path):
     url, _ = fake
     X, y = shots(4)

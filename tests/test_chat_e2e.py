@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from servekit import thread_server
-from skcarrot import CarrotClassifier, ChatVLMBackend
+from skcarrot import CarrotClassifier
+from skcarrot.doors import ChatDoor, ChatVLMBackend
 from skcarrot.datasets import few_shot_split, load_digit_images
 from skcarrot.serve import Settings, create_app
 from skcarrot.serve.chat.model import chat_text
@@ -49,7 +50,7 @@ def test_refine_only_beats_zero_shot_on_held_out_digits_and_the_ledger_agrees(se
     before = spent(app, key_id)
     refine.fit(Xtr, ytr)
     # the ledger charged what the client counted: one query a call
-    assert spent(app, key_id) - before == refine.n_calls_ == refine.n_queries_ == len(ytr) * refine.n_views
+    assert spent(app, key_id) - before == refine.n_calls_ == refine.n_queries_ == len(ytr) * ChatDoor.default_n_views
     # usage adds up: every call carried the same text and one 85-token image
     engine = app.state.chat_engine
     text = refine.backend.user_text(refine.prompt_[0], refine.prompt_[1])

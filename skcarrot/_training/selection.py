@@ -3,6 +3,12 @@
 The default fit is staged, cheapest first, and every choice is made on shots the candidate
 did not train on, then refitted on all shots (no shot is held back from the final model):
 
+0. **A prompt from a few shots** (doors whose query costs a call per image, so that a
+   search on a few shots is cheap: the chat door). The prompt search alone runs on
+   ``door.few_shot_search_shots`` shots a class within :data:`FEW_SHOT_FRACTION` of the
+   budget. Step 1 then runs for both prompts, the hand-written one and the one found, each on
+   its own view pool (the same views), and the prompt whose choice of step 1 has the lower
+   held-out loss on the shots the search did not see goes on to step 2.
 1. **Zero-shot or refiner?** One query scores the view pool of every shot under the
    hand-written prompt (the query a refine-only fit spends anyway). K-fold cross-validation
    on those logits trains a refiner per fold and scores it on the fold's held-out originals
@@ -18,7 +24,8 @@ did not train on, then refitted on all shots (no shot is held back from the fina
    on the half it did not see, with the choice of step 1 trained on the same half. The rest
    of the budget goes to the full method on all shots only when the pilot's gain exceeds
    twice its standard error; otherwise the fit ends with step 1's choice, refitted on all
-   shots from the logits already paid for.
+   shots from the logits already paid for. A door whose first stages are costly counts
+   them in the quarter (``door.pilot_share_includes_start``).
 
 With one shot in some class nothing can be held out: the refiner on the hand-written
 prompt is used (measured: see the benchmarks page).
@@ -26,6 +33,7 @@ prompt is used (measured: see the benchmarks page).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +46,17 @@ from .._util.split import stratified_folds
 from ..refiner import refine_logits
 from .loop import BudgetTooSmallError, run_generations
 from .start import StartingPoint
+from .modules import NullPrompt
 from .state import FitSettings, build_run
 
 __all__ = ["Selection", "select_and_build", "start_fit"]
 
 #: Fraction of the budget the prompt-search pilot may spend (both halves together).
 PILOT_FRACTION = 0.25
+#: Fraction of the budget step 0's search on a few shots may spend. At the chat door's defaults (8,000
+#: calls, 16 shots of 10 classes, 2 views a shot) 720 calls of search and two 320-call view pools make
+#: 1,360 calls, within the quarter; step 0 is skipped where the quarter can not hold them.
+FEW_SHOT_FRACTION = 0.09
 #: Standard errors by which a candidate must beat the simpler one. The refiner needs only a
 #: positive gain: its fold models train on (K - 1) / K of the shots, so cross-validation already
 #: understates the refiner refitted on all of them (measured on digits at 2 and 4 shots: a margin
@@ -64,6 +77,7 @@ _FOLD_SEED = 0
 _HALVES_SEED = 97  # the pilot's two halves of the shots
 _PILOT_SEED_STEP = 11  # half h's pilot run is seeded (h + 1) * _PILOT_SEED_STEP
 _PILOT_REFINER_SEED = 50  # the refiner the pilot is compared with on half h: _PILOT_REFINER_SEED + h
+_FEW_SHOT_SEED = 131  # step 0's draw of shots; its search is seeded _FEW_SHOT_SEED + 1
 #: Shots a class a fold's refiner must train on for the refiner to be judged on its full schedule; with
 #: fewer (two shots a class in all) it is judged at its best stop, which the full schedule over-fits past.
 _LEAST_FOLD_SHOTS = 2
@@ -82,6 +96,8 @@ class Selection:
     search_gain: float | None = None
     refiner_epochs: int | None = None
     pilot_queries: int = 0
+    prompt: Any = None  # step 0's prompt, when it replaced the hand-written one
+    prompt_gain: float | None = None  # step 0's held-out gain over the hand-written prompt
 
 
 def _per_image_loss(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -159,6 +175,83 @@ def _good_epochs(losses: np.ndarray) -> int:
     return best if gain > EPOCH_MARGIN * se else full
 
 
+def _few_shot_search(door: Any, settings: FitSettings, images: list, y: np.ndarray, seed: int,
+                     pool_cost: int) -> tuple[Any, np.ndarray | None, str]:
+    """Step 0's search: ``(prompt or None, shots searched, reason)``.
+
+    The search alone (no refiner) on ``door.few_shot_search_shots`` shots a class, within
+    :data:`FEW_SHOT_FRACTION` of the budget; None where the door does not ask for it, no shot
+    would be left to judge it on, or the quarter can not hold it and a second view pool.
+    """
+    m, counts = int(door.few_shot_search_shots), np.bincount(y)
+    if not m or counts.min() <= m:
+        return None, None, ""
+    budget = int(FEW_SHOT_FRACTION * settings.query_budget)
+    if door.counter.n_queries + budget + 2 * pool_cost > PILOT_FRACTION * settings.query_budget:
+        return None, None, (f"no prompt search on {m} shots a class ({budget} queries of search and two "
+                            f"view pools of {pool_cost} do not fit in a quarter of the budget)")
+    rng = np.random.RandomState(seed + _FEW_SHOT_SEED)
+    searched = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:m] for c in range(len(counts))]))
+    search = dataclasses.replace(settings, prompt_tuning=True, refinement=False, early_stopping=False,
+                                 query_budget=budget)
+    try:
+        loop, run = build_run(door, search, [images[i] for i in searched], y[searched], seed + _FEW_SHOT_SEED + 1)
+    except BudgetTooSmallError as exc:
+        return None, None, f"no prompt search on {m} shots a class ({exc})"
+    run_generations(loop, run)
+    return loop.result().prompt, searched, f"prompt searched on {m} shots a class"
+
+
+def _twin(refine_run: tuple, prompt: Any) -> tuple:
+    """The refine-only run ``refine_run`` would be under ``prompt``: the same views, seeds and refiner, no pool scored yet."""
+    loop, run = refine_run
+    twin = dataclasses.replace(loop, prompt=NullPrompt(prompt, None), refiner=copy.deepcopy(loop.refiner),
+                               rng=copy.deepcopy(loop.rng))
+    return twin, copy.deepcopy(run)
+
+
+def _refiner_or_prompt(refine_run: tuple, originals: np.ndarray, y: np.ndarray, seed: int,
+                       settings: FitSettings) -> tuple[Selection, bool, int, np.ndarray]:
+    """Step 1: ``(selection, use_refiner, epochs, held-out loss per shot of the choice)``; no query.
+
+    Sets the refine-only run's epochs to those cross-validation chose.
+    """
+    counts = np.bincount(y)
+    zero_shot = _per_image_loss(originals, y)
+    k = int(min(_FOLDS, counts.min()))
+    folds = stratified_folds(y, k, np.random.RandomState(seed))
+    schedule = refine_run[1].n_generations
+    fewest_trained = counts.min() - int(np.ceil(counts.min() / k))  # shots a class in a fold's training part
+    # An explicit max_iter is the user's schedule: it is kept.
+    stops = epoch_stops(schedule) if settings.max_iter is None else [schedule]
+    refined = np.empty((len(stops), len(y)), dtype=float)
+    for f in range(k):
+        train, held = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+        for j, weights in enumerate(_refine_path(refine_run, train, seed + _FOLD_SEED + f, stops)):
+            refined[j, held] = _per_image_loss(refine_logits(originals[held], weights), y[held])
+    best = _good_epochs(refined)
+    epochs = stops[best]
+    refine_run[1].n_generations = epochs  # the refine-only fit stops where cross-validation did
+    # Refiner or bare prompt is decided on the full schedule when the folds train on two shots a class
+    # or more: the best of several stops flatters the refiner by the luck of the pick (measured on
+    # Fashion-MNIST at 4 shots, where the bare prompt is better: deciding on the chosen stop kept the
+    # refiner more often and lost 0.9 points). A fold of one shot a class (two shots in all) is another
+    # matter: the full schedule over-fits that one shot, and its held-out loss speaks of a refiner of
+    # one shot, not of the refiner of two the fit trains; the refiner is judged at its best stop,
+    # and trained to it (measured on digits at 2 shots, seeds 100-139: the full schedule's loss kept
+    # the bare prompt on 8 of 40 splits where the refiner was 3-17 points better).
+    judged = refined[best] if fewest_trained < _LEAST_FOLD_SHOTS else refined[-1]
+    gain, se = _gain(zero_shot, judged)
+    use_refiner = gain > REFINER_MARGIN * se
+    selection = Selection(
+        "refine-only" if use_refiner else "zero-shot",
+        f"refiner's held-out gain in Brier score {gain:+.3f} ± {se:.3f} per image"
+        + (f"; {epochs} of {schedule} epochs by held-out loss" if len(stops) > 1 else ""),
+        refiner_gain=gain, refiner_epochs=epochs,
+    )
+    return selection, use_refiner, epochs, judged if use_refiner else zero_shot
+
+
 def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarray, random_state: Any,
                      start: StartingPoint | None = None) -> tuple[Any, Any, Selection]:
     """Run the stages and build the final run: ``(loop, run, selection)``; the run's generations are left to run.
@@ -172,16 +265,20 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
             "views each epoch instead: set prompt_tuning=True (the paper's protocol, as the dataset presets "
             "do) or False, or fresh_views=False"
         )
-    refine_run = None
+    refine_run, twin, found, searched, found_reason = None, None, None, None, ""
     if settings.refinement:
         refine_run = build_run(door, dataclasses.replace(settings, prompt_tuning=False, early_stopping=False),
                                images, y, random_state)
+        seed = int(refine_run[1].seeds["loop"])
+        # Step 0, where the door asks for it: a prompt searched on a few shots, and its own refine-only run.
+        pool_cost = door.query_cost(len(images) * settings.n_views)
+        found, searched, found_reason = _few_shot_search(door, settings, images, y, seed, pool_cost)
+        twin = None if found is None else _twin(refine_run, found)
         # The one query: the view pool of every shot under the hand-written prompt; view 0 holds the originals.
         originals = refine_run[0].pool_scores()[0]
-        seed = int(refine_run[1].seeds["loop"])
     else:  # no refiner to choose: the bare prompt's scores of the shots, for the pilot to beat
-        originals = door.score(images, door.one(door.zero_shot_prompt()), "pilot")[0]
         seed = int(check_random_state(random_state).randint(1, 2**31 - 1))
+        originals = door.score(images, door.one(door.zero_shot_prompt()), "pilot")[0]
     counts = np.bincount(y)
     if counts.min() < 2:
         choice = "refine-only" if settings.refinement else "zero-shot"
@@ -189,40 +286,25 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
         return _final(door, settings, images, y, random_state, selection, refine_run, start)
 
     # Stage 1: zero-shot or refiner, by K-fold cross-validation on the logits already paid for.
-    zero_shot = _per_image_loss(originals, y)
     use_refiner, epochs = False, None
     selection = Selection("zero-shot", "no refiner (refinement=False)")
     if refine_run is not None:
-        k = int(min(_FOLDS, counts.min()))
-        folds = stratified_folds(y, k, np.random.RandomState(seed))
-        schedule = refine_run[1].n_generations
-        fewest_trained = counts.min() - int(np.ceil(counts.min() / k))  # shots a class in a fold's training part
-        # An explicit max_iter is the user's schedule: it is kept.
-        stops = epoch_stops(schedule) if settings.max_iter is None else [schedule]
-        refined = np.empty((len(stops), len(y)), dtype=float)
-        for f in range(k):
-            train, held = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
-            for j, weights in enumerate(_refine_path(refine_run, train, seed + _FOLD_SEED + f, stops)):
-                refined[j, held] = _per_image_loss(refine_logits(originals[held], weights), y[held])
-        best = _good_epochs(refined)
-        epochs = stops[best]
-        refine_run[1].n_generations = epochs  # the refine-only fit stops where cross-validation did
-        # Refiner or bare prompt is decided on the full schedule when the folds train on two shots a class
-        # or more: the best of several stops flatters the refiner by the luck of the pick (measured on
-        # Fashion-MNIST at 4 shots, where the bare prompt is better: deciding on the chosen stop kept the
-        # refiner more often and lost 0.9 points). A fold of one shot a class (two shots in all) is another
-        # matter: the full schedule over-fits that one shot, and its held-out loss speaks of a refiner of
-        # one shot, not of the refiner of two the fit trains; the refiner is judged at its best stop,
-        # and trained to it (measured on digits at 2 shots, seeds 100-139: the full schedule's loss kept
-        # the bare prompt on 8 of 40 splits where the refiner was 3-17 points better).
-        gain, se = _gain(zero_shot, refined[best] if fewest_trained < _LEAST_FOLD_SHOTS else refined[-1])
-        use_refiner = gain > REFINER_MARGIN * se
-        selection = Selection(
-            "refine-only" if use_refiner else "zero-shot",
-            f"refiner's held-out gain in Brier score {gain:+.3f} ± {se:.3f} per image"
-            + (f"; {epochs} of {schedule} epochs by held-out loss" if len(stops) > 1 else ""),
-            refiner_gain=gain, refiner_epochs=epochs,
-        )
+        selection, use_refiner, epochs, losses = _refiner_or_prompt(refine_run, originals, y, seed, settings)
+        if twin is not None:  # step 0's prompt, through the same stage on the same folds and views
+            twin_originals = twin[0].pool_scores()[0]
+            twin_choice = _refiner_or_prompt(twin, twin_originals, y, seed, settings)
+            unseen = np.setdiff1d(np.arange(len(y)), searched)
+            gain, se = _gain(losses[unseen], twin_choice[3][unseen])
+            adopted = gain > 0
+            found_reason += (f", held-out gain {gain:+.3f} ± {se:.3f} on the {len(unseen)} shots it did not see: "
+                             + ("it replaces the hand-written prompt" if adopted else "the hand-written prompt is kept"))
+            if adopted:
+                refine_run, originals = twin, twin_originals
+                selection, use_refiner, epochs, _ = twin_choice
+                selection.prompt = found
+            selection.prompt_gain = gain
+        if found_reason:
+            selection.reason = f"{found_reason}; {selection.reason}"
 
     # Stage 2: a cross-fitted pilot of the full method within a quarter of the budget.
     # A door whose first stage is costly (the chat door pays a call per view) counts it in the quarter:
@@ -268,6 +350,8 @@ def _final(door, settings, images, y, random_state, selection: Selection, refine
         return loop, run, selection
     if selection.choice == "zero-shot":
         final = dataclasses.replace(settings, prompt_tuning=False, refinement=False, early_stopping=False)
+        if selection.prompt is not None and start.prompt is None:  # step 0's prompt, not the hand-written one
+            start = dataclasses.replace(start, prompt=selection.prompt)
     else:
         final = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False,
                                     query_budget=int(door.counter.remaining))

@@ -54,11 +54,12 @@ class FitSettings:
         """From ``get_params()``: ``"auto"`` means the door's default."""
         values = {f.name: params[f.name] for f in fields(cls)}
         defaults = {"query_budget": door.default_budget, "popsize": door.default_popsize,
-                    "early_stopping": door.early_stopping_default}
+                    "early_stopping": door.early_stopping_default, "n_views": door.default_n_views}
         for name, default in defaults.items():
-            if values[name] == "auto":
+            if isinstance(values[name], str) and values[name] == "auto":
                 values[name] = default
-        values["query_budget"], values["popsize"] = int(values["query_budget"]), int(values["popsize"])
+        for name in ("query_budget", "popsize", "n_views"):
+            values[name] = int(values[name])
         return cls(**values)
 
 

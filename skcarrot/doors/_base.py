@@ -35,8 +35,8 @@ class Door:
     method : str
         The backend member that offers the door; ``door="auto"`` picks the first
         registered door whose member the backend has.
-    default_budget, default_popsize : int
-        What ``query_budget="auto"`` and ``popsize="auto"`` mean here.
+    default_budget, default_popsize, default_n_views : int
+        What ``query_budget="auto"``, ``popsize="auto"`` and ``n_views="auto"`` mean here.
     early_stopping_default : bool
         What ``early_stopping="auto"`` means here.
     fitted_attributes : tuple of str
@@ -45,6 +45,10 @@ class Door:
         Whether ``prompt_tuning="auto"``'s pilot of the prompt search gets a quarter of the
         budget less what its first stage spent (True where that stage is costly: the chat door
         pays a call per view), so a fit where the search does not pay spends at most a quarter.
+    few_shot_search_shots : int
+        Shots a class on which ``prompt_tuning="auto"`` first searches the prompt alone, for
+        the refiner to train on (0: it does not; see :mod:`skcarrot._training.selection`).
+        Worth it where a query costs a call per image, so a search on a few shots is cheap.
     counter : QueryCounter
         The backend behind the fit's budget: every query of the fit goes through it.
     """
@@ -56,6 +60,8 @@ class Door:
     early_stopping_default: ClassVar[bool]
     fitted_attributes: ClassVar[tuple[str, ...]] = ()
     pilot_share_includes_start: ClassVar[bool] = False
+    default_n_views: ClassVar[int] = 8
+    few_shot_search_shots: ClassVar[int] = 0
 
     def __init__(self, backend: Any, class_names, budget: int | None = None) -> None:
         self.check(backend)
