@@ -38,10 +38,12 @@ def _describe(clf, X_test) -> dict:
     import numpy as np
 
     history = np.array([[np.nan if v is None else float(v) for v in row.values()] for row in clf.history_])
+    # fields of the selection a version leaves unset are left out, so one added later still compares
+    selection = None if clf.selection_ is None else {k: v for k, v in clf.selection_.items() if v is not None}
     return dict(
         proba=_digest(clf.predict_proba(X_test)), queries=clf.n_queries_, by_purpose=clf.n_queries_by_purpose_,
         images=clf.n_images_scored_, pairs=clf.n_pairs_scored_, n_iter=clf.n_iter_, best=clf.best_generation_,
-        history=_digest(history) if len(history) else None, selection=clf.selection_,
+        history=_digest(history) if len(history) else None, selection=selection,
         validation_loss=clf.validation_loss_, prompt=clf.prompt_,
         offset=None if clf.prompt_offset_ is None else _digest(clf.prompt_offset_),
     )

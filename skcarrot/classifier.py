@@ -348,9 +348,9 @@ class CarrotClassifier(ImageClassifierMixin, BaseEstimator):
         every call with equal scores and counts it; no call reaches the model, no
         answer is cached, and none is read from the cache: answers a backend's cache
         already holds make the fit's calls fewer than the estimate. The stages of ``prompt_tuning="auto"`` choose on real
-        answers, so for it the count is what the stand-in's answers led to (the
-        refiner's first stage and the pilot, when the pilot is affordable), at most
-        ``query_budget``.
+        answers, so for it the count is what the stand-in's answers led to (at the
+        chat door the search on a few shots and both view pools; the refiner's first
+        stage; the pilot, when the pilot is affordable), at most ``query_budget``.
 
         Parameters
         ----------

@@ -36,8 +36,9 @@ class Script:
         self.errors_5xx = 0
         self.no_logprobs = False  # 400, as reasoning models answer
         self.no_option = False  # the top alternatives hold no option letter
-        # True: the model reads number words ("three", "the number three") right, and options written as
-        # digits ("3") only on half the images (the others get the next class): a wording a search can find
+        # True: the model reads options that end in a number word ("three", "the number three") right, and
+        # those that end in a digit ("3", "the digit 3") only on half the images (the others get the next
+        # class): a wording a search can find
         self.prefers_words = False
         self.lock = threading.Lock()
         self.requests = []

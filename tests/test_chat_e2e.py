@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from servekit import thread_server
-from skcarrot import CarrotClassifier
-from skcarrot.doors import ChatDoor, ChatVLMBackend
+from skcarrot import CarrotClassifier, ChatVLMBackend
 from skcarrot.datasets import few_shot_split, load_digit_images
+from skcarrot.doors import ChatDoor
 from skcarrot.serve import Settings, create_app
 from skcarrot.serve.chat.model import chat_text
 

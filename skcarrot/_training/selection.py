@@ -45,8 +45,8 @@ from .._util.math import softmax
 from .._util.split import stratified_folds
 from ..refiner import refine_logits
 from .loop import BudgetTooSmallError, run_generations
-from .start import StartingPoint
 from .modules import NullPrompt
+from .start import StartingPoint
 from .state import FitSettings, build_run
 
 __all__ = ["Selection", "select_and_build", "start_fit"]
@@ -184,7 +184,7 @@ def _few_shot_search(door: Any, settings: FitSettings, images: list, y: np.ndarr
     would be left to judge it on, or the quarter can not hold it and a second view pool.
     """
     m, counts = int(door.few_shot_search_shots), np.bincount(y)
-    if not m or counts.min() <= m:
+    if not m or not door.pilot_share_includes_start or counts.min() <= m:  # it must count in the quarter
         return None, None, ""
     budget = int(FEW_SHOT_FRACTION * settings.query_budget)
     if door.counter.n_queries + budget + 2 * pool_cost > PILOT_FRACTION * settings.query_budget:
@@ -273,12 +273,14 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
         # Step 0, where the door asks for it: a prompt searched on a few shots, and its own refine-only run.
         pool_cost = door.query_cost(len(images) * settings.n_views)
         found, searched, found_reason = _few_shot_search(door, settings, images, y, seed, pool_cost)
+        if found is not None and door.same_prompt(found, door.zero_shot_prompt()):
+            found, found_reason = None, f"{found_reason}: it ended on the hand-written prompt"
         twin = None if found is None else _twin(refine_run, found)
         # The one query: the view pool of every shot under the hand-written prompt; view 0 holds the originals.
         originals = refine_run[0].pool_scores()[0]
     else:  # no refiner to choose: the bare prompt's scores of the shots, for the pilot to beat
-        seed = int(check_random_state(random_state).randint(1, 2**31 - 1))
         originals = door.score(images, door.one(door.zero_shot_prompt()), "pilot")[0]
+        seed = int(check_random_state(random_state).randint(1, 2**31 - 1))
     counts = np.bincount(y)
     if counts.min() < 2:
         choice = "refine-only" if settings.refinement else "zero-shot"
@@ -310,10 +312,12 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
     # A door whose first stage is costly (the chat door pays a call per view) counts it in the quarter:
     # where the search does not pay, the default then spends at most a quarter of the budget in all.
     share = int(PILOT_FRACTION * settings.query_budget)
+    halves = stratified_folds(y, 2, np.random.RandomState(seed + _HALVES_SEED))
     if door.pilot_share_includes_start:
         share = max(share - door.counter.n_queries, 0)
     pilot_budget = share // 2
-    halves = stratified_folds(y, 2, np.random.RandomState(seed + _HALVES_SEED))
+    if door.pilot_share_includes_start:  # and each half's scoring of the other half, so the quarter holds all
+        pilot_budget = max(pilot_budget - door.query_cost(int(np.bincount(halves).max())), 0)
     pilot = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False, query_budget=pilot_budget)
     before = door.counter.n_queries
     simple, full = np.empty(len(y)), np.empty(len(y))
@@ -338,6 +342,7 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
     selection.reason += f"; prompt search pilot's held-out gain {gain:+.3f} ± {se:.3f}"
     if pays:
         selection.choice = "carrot"
+        selection.prompt = None  # the full method searches from the hand-written prompt, on all shots
     return _final(door, settings, images, y, random_state, selection, refine_run, start)
 
 

@@ -48,7 +48,8 @@ class Door:
     few_shot_search_shots : int
         Shots a class on which ``prompt_tuning="auto"`` first searches the prompt alone, for
         the refiner to train on (0: it does not; see :mod:`skcarrot._training.selection`).
-        Worth it where a query costs a call per image, so a search on a few shots is cheap.
+        Worth it where a query costs a call per image, so a search on a few shots is cheap;
+        it counts in the pilot's quarter, so it asks for ``pilot_share_includes_start``.
     counter : QueryCounter
         The backend behind the fit's budget: every query of the fit goes through it.
     """
@@ -96,6 +97,10 @@ class Door:
     def zero_shot_prompt(self) -> Any:
         """The hand-written prompt (a zero offset, or the template around each name)."""
         raise NotImplementedError
+
+    def same_prompt(self, a: Any, b: Any) -> bool:
+        """Whether two prompts are the same (an offset's values, or the same strings)."""
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
 
     # -- the prompt search -----------------------------------------------------------------
     def query_cost(self, n_images: int) -> int:

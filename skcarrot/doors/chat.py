@@ -47,7 +47,7 @@ class ChatDoor(Door):
     default_popsize = 4
     early_stopping_default = False
     pilot_share_includes_start = True
-    # The default's step 0: the search alone on 2 shots a class (560 calls at the defaults) finds the
+    # The default's step 0: the search alone on 2 shots a class (720 calls at the defaults) finds the
     # descriptions and instruction the refiner then trains on.
     few_shot_search_shots = 2
     fitted_attributes = ("prompt_", "n_calls_", "n_input_tokens_", "n_output_tokens_")
@@ -92,6 +92,9 @@ class ChatDoor(Door):
     def copy_prompt(self, prompt) -> tuple:
         instruction, descriptions = prompt
         return str(instruction), [str(d) for d in descriptions]
+
+    def same_prompt(self, a, b) -> bool:
+        return self.copy_prompt(a) == self.copy_prompt(b)
 
     def zero_shot_prompt(self) -> tuple:
         instruction = getattr(self.backend, "instruction", None) or DEFAULT_INSTRUCTION
