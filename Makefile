@@ -9,7 +9,10 @@ export HF_HUB_OFFLINE ?= 1
 
 DOCS_STAMP = $(VENV)/.skcarrot-docs-installed
 
-.PHONY: install demo test docs clean
+# Offline image data some tests and benchmarks read: OpenCV's digits sheet and Fashion-MNIST, from Debian.
+DATA_PACKAGES = opencv-doc dataset-fashion-mnist
+
+.PHONY: install data demo test docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +25,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/skcarrot demo
 
-test: $(STAMP)
+data:
+	@dpkg -s $(DATA_PACKAGES) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q $(DATA_PACKAGES) || { apt-get update -q && apt-get install -y -q $(DATA_PACKAGES); }; \
+	  else echo "some tests read Debian's $(DATA_PACKAGES): sudo apt-get install $(DATA_PACKAGES)"; fi; }
+
+test: $(STAMP) data
 	$(BIN)/python -m pytest
 
 $(DOCS_STAMP): $(STAMP)
