@@ -273,8 +273,8 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
         # Step 0, where the door asks for it: a prompt searched on a few shots, and its own refine-only run.
         pool_cost = door.query_cost(len(images) * settings.n_views)
         found, searched, found_reason = _few_shot_search(door, settings, images, y, seed, pool_cost)
-        if found is not None and door.same_prompt(found, door.zero_shot_prompt()):
-            found, found_reason = None, f"{found_reason}: it ended on the hand-written prompt"
+        # Its run is built even when the search ended on the hand-written prompt (their gain is then 0):
+        # the fit's calls do not depend on the answers, so estimate_cost's dry run counts them exactly.
         twin = None if found is None else _twin(refine_run, found)
         # The one query: the view pool of every shot under the hand-written prompt; view 0 holds the originals.
         originals = refine_run[0].pool_scores()[0]

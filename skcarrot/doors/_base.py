@@ -98,10 +98,6 @@ class Door:
         """The hand-written prompt (a zero offset, or the template around each name)."""
         raise NotImplementedError
 
-    def same_prompt(self, a: Any, b: Any) -> bool:
-        """Whether two prompts are the same (an offset's values, or the same strings)."""
-        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
-
     # -- the prompt search -----------------------------------------------------------------
     def query_cost(self, n_images: int) -> int:
         """Queries one prompt costs, scored on ``n_images`` images: what the run plan counts in.

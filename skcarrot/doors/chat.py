@@ -93,9 +93,6 @@ class ChatDoor(Door):
         instruction, descriptions = prompt
         return str(instruction), [str(d) for d in descriptions]
 
-    def same_prompt(self, a, b) -> bool:
-        return self.copy_prompt(a) == self.copy_prompt(b)
-
     def zero_shot_prompt(self) -> tuple:
         instruction = getattr(self.backend, "instruction", None) or DEFAULT_INSTRUCTION
         return instruction, list(self.class_names)
