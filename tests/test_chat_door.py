@@ -184,6 +184,17 @@ def test_the_default_keeps_the_hand_written_prompt_when_the_found_one_is_no_bett
     assert selection["choice"] != "carrot" and clf.n_queries_ <= 0.25 * 4000
 
 
+def test_the_pilot_scoring_its_held_out_half_stays_within_the_quarter(fake):
+    # 4,600 calls: the few-shot search (384) and two pools (128) leave 638, 319 a half; a half's pilot
+    # that planned all 319 for itself (64 screening + 3 generations of 80) would score its held-out
+    # 16 shots past the quarter (1,152 of 1,150)
+    url, _ = fake
+    X, y = shots(8)
+    clf = default_fit(url, X, y, query_budget=4600)
+    assert clf.selection_["pilot_queries"] > 0 and clf.selection_["choice"] != "carrot"
+    assert clf.n_queries_ <= 4600 // 4
+
+
 def test_the_default_skips_the_few_shot_search_where_the_quarter_can_not_hold_it(fake):
     url, _ = fake
     X, y = shots(8)
