@@ -42,7 +42,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from .._util.math import softmax
-from .._util.split import stratified_folds
+from .._util.split import draw_per_class, stratified_folds
 from ..refiner import refine_logits
 from .loop import BudgetTooSmallError, run_generations
 from .modules import NullPrompt
@@ -190,8 +190,7 @@ def _few_shot_search(door: Any, settings: FitSettings, images: list, y: np.ndarr
     if door.counter.n_queries + budget + 2 * pool_cost > PILOT_FRACTION * settings.query_budget:
         return None, None, (f"no prompt search on {m} shots a class ({budget} queries of search and two "
                             f"view pools of {pool_cost} do not fit in a quarter of the budget)")
-    rng = np.random.RandomState(seed + _FEW_SHOT_SEED)
-    searched = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:m] for c in range(len(counts))]))
+    searched = np.sort(draw_per_class(y, m, np.random.RandomState(seed + _FEW_SHOT_SEED)))
     search = dataclasses.replace(settings, prompt_tuning=True, refinement=False, early_stopping=False,
                                  query_budget=budget)
     try:
@@ -313,11 +312,10 @@ def select_and_build(door: Any, settings: FitSettings, images: list, y: np.ndarr
     # where the search does not pay, the default then spends at most a quarter of the budget in all.
     share = int(PILOT_FRACTION * settings.query_budget)
     halves = stratified_folds(y, 2, np.random.RandomState(seed + _HALVES_SEED))
-    if door.pilot_share_includes_start:
-        share = max(share - door.counter.n_queries, 0)
     pilot_budget = share // 2
-    if door.pilot_share_includes_start:  # and each half's scoring of the other half, so the quarter holds all
-        pilot_budget = max(pilot_budget - door.query_cost(int(np.bincount(halves).max())), 0)
+    if door.pilot_share_includes_start:  # less what was spent, and each half's scoring of the other half
+        pilot_budget = max(max(share - door.counter.n_queries, 0) // 2
+                           - door.query_cost(int(np.bincount(halves).max())), 0)
     pilot = dataclasses.replace(settings, prompt_tuning=True, early_stopping=False, query_budget=pilot_budget)
     before = door.counter.n_queries
     simple, full = np.empty(len(y)), np.empty(len(y))
