@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 from helpers import JSONHandler, LoopbackServer
+from skcarrot.datasets import DIGIT_WORDS
 
 MODEL = "fake-vlm"
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 KEY = "sk-test-key"
 
 
@@ -61,7 +61,7 @@ def brightness(url):
 def number(option):
     """The class an option names: its last word, a digit or a number word ("3", "three", "the digit 3")."""
     word = option.strip().split()[-1]
-    return int(word) if word.isdigit() else (WORDS.index(word) if word in WORDS else 99)
+    return int(word) if word.isdigit() else (DIGIT_WORDS.index(word) if word in DIGIT_WORDS else 99)
 
 
 def answer(body, script):
