@@ -89,8 +89,10 @@ def test_the_chat_door_at_its_defaults(served, digits, tmp_path, monkeypatch):
     assert clf.door_ == "chat" and clf.selection_["choice"] in ("zero-shot", "refine-only", "carrot")
     # the ledger charged the calls; queries also count answers a fit read twice from the cache
     assert spent(app, key_id) - before == clf.n_calls_ <= clf.n_queries_ <= 8000
+    # the few-shot search ran at the defaults (2 shots a class, 16 here), and the dry run counts its questions
+    assert "prompt searched on 2 shots a class" in clf.selection_["reason"]
     if clf.selection_["choice"] != "carrot":  # the search did not pay: at most a quarter of the budget
-        assert clf.n_calls_ <= 2000
+        assert clf.n_calls_ <= 2000 and clf.estimate_cost(Xtr, ytr)["calls"] == clf.n_queries_
     assert (tmp_path / "chat-answers.sqlite").is_file()
     zero = CarrotClassifier(backend=chat_backend(url), class_names=NAMES, prompt_tuning=False, refinement=False,
                             random_state=0).fit(Xtr, ytr)
